@@ -1,0 +1,38 @@
+"""The `opd` console script: one subcommand per stage, each equivalent to `python -m stages.<name>`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+STAGES = ("prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "opd", "evaluate")
+"""Pipeline order."""
+
+
+def stage_args(doc: str, argv, *paths: str) -> argparse.Namespace:
+    """Parse a stage's command line: `--params` plus the named paths (declared in dvc.yaml)."""
+    parser = argparse.ArgumentParser(
+        description=doc.strip().splitlines()[0], epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    for name in paths:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        lines = [f"  {name:<17} {_summary(name)}" for name in STAGES]
+        print("usage: opd <stage> [--help] [options]\n\nstages, in pipeline order:\n" + "\n".join(lines))
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    importlib.import_module(f"stages.{argv[0]}").main(argv[1:])
+
+
+def _summary(stage: str) -> str:
+    doc = importlib.import_module(f"stages.{stage}").__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""

@@ -1,0 +1,254 @@
+"""Config dataclasses, one per `params.yaml` section, and the loader that rejects unknown keys.
+
+Each field's docstring is the user-facing documentation of the matching `params.yaml` key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml section has an unknown key, a missing section, or an invalid value."""
+
+
+@dataclass
+class TaskConfig:
+    """`task`: the embedded toy task (long addition with carries, see pipeline/toy_task.py)."""
+
+    n_digits: int = 8
+    """Digits per operand; the worked answer has 3 * n_digits tokens plus end-of-sequence."""
+    teacher_train_prompts: int = 20000
+    """Prompts with reference answers used to train the toy teacher (unused with real models)."""
+    sft_prompts: int = 2000
+    """Prompts the teacher answers to make the SFT data."""
+    opd_prompts: int = 4000
+    """Prompts the SFT student samples rollouts on."""
+    eval_prompts: int = 500
+    """Held-out prompts for evaluation."""
+    seed: int = 0
+    """Seed of the prompt generator; the splits never overlap."""
+
+    def __post_init__(self):
+        _positive(self, "n_digits", "sft_prompts", "opd_prompts", "eval_prompts")
+
+
+@dataclass
+class ToyModelConfig:
+    """Size of a toy Llama-style model built from config (head_dim 64, as vLLM's CPU build needs)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    intermediate_size: int = 512
+
+    def __post_init__(self):
+        _positive(self, "hidden_size", "num_layers", "intermediate_size")
+        if self.hidden_size % 64:
+            raise ConfigError(f"hidden_size must be a multiple of 64 (head_dim 64), got {self.hidden_size}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every training stage (toy teacher, SFT, OPD)."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per optimizer step (per device, before gradient accumulation)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 0
+    """Linear warmup steps, then cosine decay to 10% of lr (constant if decay is false)."""
+    decay: bool = True
+    """Cosine-decay the learning rate after warmup; false keeps it constant (the paper's recipe)."""
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    accumulate_grad_batches: int = 1
+    precision: str = "auto"
+    """Lightning precision; auto means bf16-mixed on GPU, 32-true on CPU."""
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive(self, "steps", "batch_size", "lr", "accumulate_grad_batches")
+
+
+@dataclass
+class ModelsConfig:
+    """`models`: which teacher and student to use."""
+
+    teacher: str = "toy"
+    """`toy` trains the toy teacher; otherwise a local model directory or a Hugging Face hub id."""
+    student: str = "toy"
+    """`toy` initialises the toy student; otherwise a local model directory or a hub id."""
+    toy_teacher: ToyModelConfig = field(default_factory=ToyModelConfig)
+    toy_student: ToyModelConfig = field(default_factory=lambda: ToyModelConfig(64, 1, 256))
+    teacher_training: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, lr=3e-3, warmup_steps=60))
+    """How the toy teacher is trained on reference answers."""
+    seed: int = 0
+    """Seed of the toy models' initial weights."""
+
+
+@dataclass
+class EngineConfig:
+    """`engine`: the inference backend for generation and teacher scoring."""
+
+    name: str = "hf"
+    """`hf` (transformers, runs anywhere)."""
+    batch_size: int = 256
+    """Sequences per forward batch."""
+    dtype: str = "float32"
+    """Weights dtype for inference: float32, bfloat16 or float16."""
+    device: str = "auto"
+    """auto picks cuda when present, else cpu."""
+
+    def __post_init__(self):
+        if self.name not in ENGINES:
+            raise ConfigError(f"engine.name must be one of {ENGINES}, got {self.name!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"engine.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        _positive(self, "batch_size")
+
+
+ENGINES = ("hf",)
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled."""
+
+    n: int = 1
+    """Samples per prompt."""
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    seed: int = 0
+    rows_per_shard: int = 1000
+    """Prompts per Parquet shard (times n rows): the unit of resume after a crash."""
+
+    def __post_init__(self):
+        _positive(self, "n", "max_new_tokens", "rows_per_shard")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+
+@dataclass
+class TeacherLogprobsConfig:
+    """`teacher_logprobs`: what the teacher cache stores."""
+
+    top_k: int = 8
+    """Teacher top-k ids and log-probs stored per response token."""
+
+    def __post_init__(self):
+        _positive(self, "top_k")
+
+
+@dataclass
+class OpdConfig(TrainConfig):
+    """`opd`: training the student against the cached teacher signal."""
+
+    loss: str = "opd"
+    """One of pipeline.losses.LOSSES: sft, opd (sampled-token, the paper's), topk_fkl, opd+topk_fkl."""
+    clip_eps: float | None = 0.2
+    """PPO clip of the importance ratio (null disables)."""
+    sft_weight: float = 0.0
+    """Weight of an extra cross-entropy term on the sampled tokens."""
+    top_k: int | None = None
+    """Teacher entries used by top-k losses (null: all the cache has; must not exceed it)."""
+    allow_teacher_mismatch: bool = False
+    """Train even if the cache's teacher is not the one that wrote the SFT data (biased; recorded)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        from pipeline.losses import LOSSES
+
+        if self.loss not in LOSSES:
+            raise ConfigError(f"opd.loss must be one of {LOSSES}, got {self.loss!r}")
+
+
+@dataclass
+class EvaluateConfig:
+    """`evaluate`: held-out accuracy of teacher, SFT student and OPD student (greedy decoding)."""
+
+    max_new_tokens: int = 32
+
+
+SECTIONS: dict[str, type] = {
+    "task": TaskConfig,
+    "models": ModelsConfig,
+    "engine": EngineConfig,
+    "sft_data": SamplingConfig,
+    "sft": TrainConfig,
+    "rollouts": SamplingConfig,
+    "teacher_logprobs": TeacherLogprobsConfig,
+    "opd": OpdConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def from_dict(cls, data: dict | None, where: str):
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, found {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value, f"{where}.{name}")
+        else:
+            value = _coerce(value, hint, f"{where}.{name}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _coerce(value, hint, where):
+    """Check a scalar against its annotation; ints are accepted where floats are expected."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for typ in allowed:
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if typ in (int, str, bool) and type(value) is typ:
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{where}: expected {names}, found {value!r} ({type(value).__name__})")
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """The raw params.yaml mapping, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
+    params = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
+    return params
+
+
+def load_section(name: str, path: str | Path = "params.yaml"):
+    """The dataclass for section `name` of the params file."""
+    return from_dict(SECTIONS[name], load_params(path).get(name), f"{path}:{name}")
+
+
+def _positive(obj, *names):
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(obj, name)}")

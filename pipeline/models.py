@@ -1,0 +1,154 @@
+"""Model and tokenizer loading (local directory or hub id), content hashes, and the toy models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ToyModelConfig
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+MANIFEST = "manifest.json"
+"""File the models stage writes: where each role's model lives and its provenance."""
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A local model directory for a path or a hub id (downloaded into the HF cache if needed)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.is_absolute() or name_or_path.startswith("."):
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path))
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_hash(model_dir: Path) -> str:
+    """sha256 over the weight files: identifies a teacher exactly, whatever its name."""
+    files = [p for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    return _hash_files(files)
+
+
+def tokenizer_hash(model_dir: Path) -> str:
+    """sha256 of the tokenizer's token-to-id mapping (the thing that must match across models)."""
+    tok = load_tokenizer(model_dir)
+    vocab = json.dumps(sorted(tok.get_vocab().items()), separators=(",", ":"))
+    return hashlib.sha256(vocab.encode()).hexdigest()
+
+
+def describe(model_id: str, model_dir: Path) -> dict:
+    """Provenance of one model: id, directory, weights and tokenizer hashes."""
+    return {
+        "id": model_id,
+        "path": str(model_dir),
+        "weights_sha256": weights_hash(model_dir),
+        "tokenizer_sha256": tokenizer_hash(model_dir),
+    }
+
+
+def load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(model_dir, dtype: str = "float32", device: str = "auto"):
+    """A causal LM from a local directory, in eval mode on the chosen device."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+    return model.to(pick_device(device)).eval()
+
+
+def build_toy_model(cfg: ToyModelConfig, tokenizer, seed: int):
+    """A freshly initialised Llama-style model sized by `cfg` (head_dim 64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = cfg.hidden_size // 64
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=64,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """Save weights, config and tokenizer together so the directory loads like a hub model."""
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def read_manifest(models_dir) -> dict:
+    """The models stage's manifest, with each role's path resolved against the manifest's directory."""
+    path = Path(models_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the models stage first (dvc repro models)")
+    manifest = json.loads(path.read_text())
+    for role in manifest.values():
+        local = Path(models_dir) / role["path"]
+        role["path"] = str(local) if local.is_dir() else role["path"]
+    return manifest
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt token ids as the model sees them (with the tokenizer's own special tokens)."""
+    return tokenizer(prompt)["input_ids"]
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    """Response token ids ending with EOS, so a trained model learns to stop."""
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+PROVENANCE = "provenance.json"
+"""Written beside a trained model's weights: what it was trained from and with (resolved config)."""
+
+
+def write_provenance(model_dir, provenance: dict) -> None:
+    (Path(model_dir) / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+
+
+def read_provenance(model_dir) -> dict:
+    path = Path(model_dir) / PROVENANCE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {model_dir} was not written by a training stage of this pipeline")
+    return json.loads(path.read_text())
+
+
+def identity(info: dict) -> dict:
+    """A model's provenance without its local path (paths differ between machines, hashes do not)."""
+    return {k: v for k, v in info.items() if k != "path"}

@@ -1,0 +1,246 @@
+"""Parquet shard I/O: one naming rule, atomic writes, checked reads.
+
+An artefact directory holds part-00000.parquet, part-00001.parquet, ... A shard appears under its
+final name only when complete (written to a temporary name, fsynced, renamed), and a finished
+shard is never rewritten. So a crash leaves finished shards plus at most some temp files, and a
+rerun recomputes just the shards that `pending_shards` reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_schemas import PROVENANCE_KEY, SchemaError, check_metadata, conform, validate
+
+log = logging.getLogger(__name__)
+
+SHARD_TEMPLATE = "part-{:05d}.parquet"  # zero-padded so shards sort in order and `*.parquet` globs find them
+COMPRESSION = "zstd"  # better ratio than snappy at similar decode speed; pyarrow and polars both read it
+# Readers stream one row group at a time. A 4k-token teacher-cache row with top-20 is ~0.5 MB,
+# so 256 rows keep a group near 128 MB (and 256 sequences is one training step in the paper).
+ROW_GROUP_SIZE = 256
+
+_SHARD_NAME = re.compile(r"^part-(\d+)\.parquet$")
+_TEMP_NAME = re.compile(r"^\.part-(\d+)\.parquet\.tmp-")
+
+
+def shard_path(directory, index: int) -> Path:
+    if isinstance(index, bool) or not hasattr(index, "__index__") or index < 0:
+        raise ValueError(f"shard index must be a non-negative int, got {index!r}")
+    return Path(directory) / SHARD_TEMPLATE.format(int(index))
+
+
+def list_shards(directory) -> list[Path]:
+    """Finished-looking shard files in `directory`, sorted by index ([] if it does not exist)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), directory / name) for name in os.listdir(directory) if (m := _SHARD_NAME.match(name))]
+    return [path for _, path in sorted(found)]
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not possible (nor needed) on Windows.
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(directory, index: int, table: pa.Table, artefact, provenance: dict, **schema_kw) -> Path:
+    """Validate `table` as `artefact` and write it as shard `index` of `directory`, atomically.
+
+    Columns are cast to the schema's exact types where that is lossless (see data_schemas.conform);
+    the file's metadata records the artefact name, schema version and `provenance` (JSON).
+    Raises FileExistsError if the shard exists: finished shards are never rewritten.
+    """
+    path = shard_path(directory, index)
+    if path.exists():
+        raise FileExistsError(
+            f"{path} already exists: finished shards are never rewritten. "
+            f"To recompute it, delete it (or its directory) and rerun the stage."
+        )
+    if not isinstance(provenance, dict):
+        raise TypeError(f"provenance for {path} must be a dict, got {type(provenance).__name__}")
+    try:
+        provenance_json = json.dumps(provenance, sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"provenance for {path} is not JSON-serialisable ({error}). "
+            f"Fix: convert its values to str, int, float, bool, None, list or dict."
+        ) from error
+
+    table = conform(table, artefact, path, **schema_kw)  # before anything touches the disk
+    table = table.replace_schema_metadata({**table.schema.metadata, PROVENANCE_KEY: provenance_json.encode()})
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, temp, compression=COMPRESSION, row_group_size=ROW_GROUP_SIZE)
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())  # the data must be on disk before the name says it is complete
+        if path.exists():
+            raise FileExistsError(f"{path} appeared while it was being written: another process wrote it; keeping theirs.")
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def shard_is_complete(path) -> bool:
+    """True if `path` exists and its Parquet footer (schema, row count) reads; False if missing, truncated or corrupt."""
+    try:
+        pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException):
+        return False
+    return True
+
+
+def pending_shards(directory, num_shards: int, indices=None) -> list[int]:
+    """Indices in range(num_shards) whose shard still has to be written.
+
+    Leftover temp files of interrupted writes are deleted, and so is a final shard that is
+    truncated or corrupt (with a warning naming it), so that it is recomputed.
+    When several workers share `directory`, pass each worker's own `indices` so it never
+    deletes the temp file another worker is writing.
+    """
+    directory = Path(directory)
+    wanted = sorted(set(range(num_shards) if indices is None else indices))
+    if wanted and (wanted[0] < 0 or wanted[-1] >= num_shards):
+        raise ValueError(f"shard indices must lie in range({num_shards}), got {wanted}")
+    if not directory.is_dir():
+        return wanted
+    wanted_set = set(wanted)
+    for name in os.listdir(directory):
+        temp = _TEMP_NAME.match(name)
+        if temp and int(temp.group(1)) in wanted_set:
+            log.warning("%s: deleting a temp file left by an interrupted write", directory / name)
+            (directory / name).unlink(missing_ok=True)
+        shard = _SHARD_NAME.match(name)
+        if shard and int(shard.group(1)) >= num_shards:
+            log.warning(
+                "%s: shard index is beyond num_shards=%d, probably left by a run with more shards; "
+                "read_shards will include it. Delete the directory if the sharding changed.",
+                directory / name, num_shards,
+            )
+    pending = []
+    for index in wanted:
+        path = shard_path(directory, index)
+        if path.exists() and not shard_is_complete(path):
+            log.warning("%s: truncated or corrupt Parquet file; deleting it so it is recomputed", path)
+            path.unlink(missing_ok=True)
+        if not path.exists():
+            pending.append(index)
+    return pending
+
+
+def _provenance(schema: pa.Schema, artefact, path) -> dict:
+    raw = (schema.metadata or {}).get(PROVENANCE_KEY)
+    if raw is None:
+        return {}
+    try:
+        provenance = json.loads(raw)
+    except ValueError as error:
+        raise SchemaError(f"{path}: provenance metadata is not valid JSON ({error}). Fix: delete it and rerun {artefact.PRODUCED_BY}.", path) from error
+    if not isinstance(provenance, dict):
+        raise SchemaError(f"{path}: provenance metadata must be a JSON object, found {type(provenance).__name__}.", path)
+    return provenance
+
+
+def read_shard(path, artefact) -> tuple[pa.Table, dict]:
+    """Read one shard, check it is `artefact` at the current schema version, and validate it.
+
+    Returns the table and its provenance dict. The teacher cache's k is read from the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist. Fix: run {artefact.PRODUCED_BY} to produce {artefact.NAME}.")
+    try:
+        with pq.ParquetFile(path) as parquet_file:
+            schema = parquet_file.schema_arrow
+            # Name and version first: a wrong file should be called wrong, not "missing columns".
+            check_metadata(schema, artefact, path)
+            table = parquet_file.read()
+    except (OSError, pa.ArrowException) as error:
+        raise SchemaError(
+            f"{path} is not a readable Parquet file (truncated or corrupt: {error}). "
+            f"Fix: delete it and rerun {artefact.PRODUCED_BY}, which writes the missing shards.",
+            path,
+        ) from error
+    validate(table, artefact, path)
+    return table, _provenance(schema, artefact, path)
+
+
+def read_shards(directory, artefact) -> tuple[pa.Table, dict]:
+    """All shards of `directory`, validated and concatenated in index order, with shard 0's provenance."""
+    directory = Path(directory)
+    paths = list_shards(directory)
+    if not paths:
+        raise FileNotFoundError(
+            f"{directory} holds no shards ({SHARD_TEMPLATE.format(0)}, ...). "
+            f"Fix: run {artefact.PRODUCED_BY} to produce {artefact.NAME}."
+        )
+    for expected_index, path in enumerate(paths):
+        if path.name != SHARD_TEMPLATE.format(expected_index):
+            raise SchemaError(
+                f"{directory}: shard {SHARD_TEMPLATE.format(expected_index)} is missing (next found: {path.name}), "
+                f"so the stage did not finish. Fix: rerun {artefact.PRODUCED_BY}; it writes only missing shards.",
+                directory,
+            )
+    tables, provenance = [], {}
+    for path in paths:
+        table, shard_provenance = read_shard(path, artefact)
+        if not tables:
+            provenance = shard_provenance
+        elif not table.schema.equals(tables[0].schema, check_metadata=False):
+            differing = [f"'{a.name}': {b.type} vs {a.type}" for a, b in zip(table.schema, tables[0].schema) if a != b]
+            raise SchemaError(
+                f"{path}: column types differ from {paths[0]} ({', '.join(differing)}), "
+                f"so the shards come from different runs (e.g. another top-k). "
+                f"Fix: delete {directory} and rerun {artefact.PRODUCED_BY}.",
+                path,
+            )
+        tables.append(table)
+    return pa.concat_tables(tables), provenance
+
+
+def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artefact, provenance, **schema_kw) -> int:
+    """Write every missing shard of `directory`: shard i holds rows [i*rows_per_shard, ...) made by
+    `make_table(i, row_slice)`. `provenance` is a dict, or a function of the shard index.
+
+    Finished shards are kept (resume after a crash), but only if they were written with the same
+    provenance, so a changed config or input never mixes with stale shards.
+    Returns the number of shards written now.
+    """
+    directory = Path(directory)
+    num_shards = max(1, -(-num_rows // rows_per_shard))
+    provenance_of = provenance if callable(provenance) else lambda index: provenance
+    for index, path in enumerate(list_shards(directory)):
+        try:
+            found = _provenance(pq.read_schema(path), artefact, path)
+        except (OSError, pa.ArrowException):
+            continue  # corrupt: pending_shards reports and deletes it
+        if index >= num_shards or found != json.loads(json.dumps(provenance_of(index))):
+            raise SchemaError(
+                f"{path} was written with another configuration or input than this run's. "
+                f"Fix: delete {directory} (`dvc repro` does) and rerun {artefact.PRODUCED_BY}.",
+                path,
+            )
+    pending = pending_shards(directory, num_shards)
+    for index in pending:
+        rows = slice(index * rows_per_shard, min(num_rows, (index + 1) * rows_per_shard))
+        write_shard(directory, index, make_table(index, rows), artefact, provenance_of(index), **schema_kw)
+        log.info("%s: wrote shard %d/%d", directory, index + 1, num_shards)
+    return len(pending)

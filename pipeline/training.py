@@ -1,0 +1,156 @@
+"""Lightning wiring for every training stage: SFT (toy teacher, student) and OPD against the cache.
+
+The module only wires model, batch and loss (pipeline/losses.py); the loop, precision, clipping,
+accumulation and devices are Lightning's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline import losses
+from pipeline.config import OpdConfig, TrainConfig
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs and per-position targets/teacher signal (positions = inputs).
+
+    Position t of `input_ids` predicts `targets[t]`; only response tokens are in `mask`.
+    Optional row fields: `behavior_logprobs` [R], `teacher_logprobs` [R], `teacher_topk_ids`/
+    `teacher_topk_logprobs` [R, k], all aligned with `response_ids`.
+    """
+    seqs = [list(r["prompt_ids"]) + list(r["response_ids"]) for r in rows]
+    width = max(len(s) for s in seqs) - 1
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+        "targets": torch.full((len(rows), width), pad_id, dtype=torch.long),
+        "mask": torch.zeros((len(rows), width), dtype=torch.bool),
+    }
+    optional = {
+        "behavior_logprobs": ("behavior_logprobs", ()),
+        "teacher_logprobs": ("teacher_logprobs", ()),
+        "teacher_topk_ids": ("teacher_topk_ids", None),
+        "teacher_topk_logprobs": ("teacher_topk_logprobs", None),
+    }
+    for key, (field, _) in optional.items():
+        if field in rows[0]:
+            k_shape = np.asarray(rows[0][field]).shape[1:]
+            dtype = torch.long if key == "teacher_topk_ids" else torch.float32
+            batch[key] = torch.zeros((len(rows), width, *k_shape), dtype=dtype)
+    for i, (row, seq) in enumerate(zip(rows, seqs)):
+        n = len(seq) - 1
+        batch["input_ids"][i, :n] = torch.tensor(seq[:-1])
+        batch["attention_mask"][i, :n] = 1
+        batch["targets"][i, :n] = torch.tensor(seq[1:])
+        start, r_len = len(row["prompt_ids"]) - 1, len(row["response_ids"])
+        batch["mask"][i, start : start + r_len] = True
+        for key in optional:
+            if key in batch:
+                batch[key][i, start : start + r_len] = torch.as_tensor(np.asarray(row[optional[key][0]]))
+    return batch
+
+
+class SequenceData(L.LightningDataModule):
+    """In-memory rows (dicts of token lists and teacher arrays), reshuffled each epoch by seed."""
+
+    def __init__(self, rows: list[dict], batch_size: int, pad_id: int, seed: int):
+        super().__init__()
+        if not rows:
+            raise ValueError("no training rows: the input artefact is empty")
+        self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.rows,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(self.rows) >= self.batch_size,
+            generator=generator,
+            collate_fn=lambda rows: collate(rows, self.pad_id),
+        )
+
+
+class DistillModule(L.LightningModule):
+    """A causal LM trained with one of pipeline.losses.LOSSES on collated batches."""
+
+    def __init__(self, model, cfg: TrainConfig, loss: str = "sft"):
+        super().__init__()
+        self.model, self.cfg, self.loss_name = model, cfg, loss
+        self._tokens, self._t0 = 0, None
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        opd = isinstance(self.cfg, OpdConfig)
+        topk_ids, topk_lp = batch.get("teacher_topk_ids"), batch.get("teacher_topk_logprobs")
+        if opd and self.cfg.top_k is not None and topk_ids is not None:
+            topk_ids, topk_lp = topk_ids[..., : self.cfg.top_k], topk_lp[..., : self.cfg.top_k]
+        out = losses.compute_loss(
+            self.loss_name,
+            student_logits=logits,
+            targets=batch["targets"],
+            mask=batch["mask"],
+            teacher_logprobs=batch.get("teacher_logprobs"),
+            teacher_topk_ids=topk_ids,
+            teacher_topk_logprobs=topk_lp,
+            clip_eps=self.cfg.clip_eps if opd else None,
+            sft_weight=self.cfg.sft_weight if opd else 0.0,
+        )
+        self._tokens += int(batch["mask"].sum())
+        self._t0 = self._t0 or time.perf_counter()
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        logs = {f"train/{k}": v for k, v in out.items()}
+        logs["train/tokens_per_s"] = self._tokens / elapsed
+        self.log_dict(logs, prog_bar=False, on_step=True, batch_size=batch["input_ids"].shape[0])
+        self.log("loss", out["loss"], prog_bar=True, on_step=True, logger=False)
+        return out["loss"]
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def factor(step: int) -> float:
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            if not cfg.decay:
+                return 1.0
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int, log_dir: Path, loss: str = "sft"):
+    """Train `model` in place for `cfg.steps` optimizer steps; CSV logs go to `log_dir`."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    trainer = L.Trainer(
+        max_steps=cfg.steps,
+        accelerator="auto",
+        devices=1,
+        precision=precision,
+        gradient_clip_val=cfg.grad_clip or None,
+        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        logger=L.pytorch.loggers.CSVLogger(str(log_dir), name="", version=""),
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=True,
+        deterministic=True,
+    )
+    module = DistillModule(model, cfg, loss)
+    model.train()
+    trainer.fit(module, datamodule=SequenceData(rows, cfg.batch_size, pad_id, cfg.seed))
+    model.eval()
+    return trainer

@@ -1,0 +1,59 @@
+"""Resolve the teacher and the student: train the toy teacher and initialise the toy student, or record real ones.
+
+    python -m stages.models --params params.yaml --prompts data/prompts --out models/base
+
+With `models.teacher: toy` the teacher is a small Llama-style model trained here on the task's
+reference answers; with `models.student: toy` the student is a smaller one, freshly initialised.
+Otherwise each is a local model directory or a hub id, resolved and recorded with content hashes.
+`manifest.json` in the output says where each model lives; later stages read only it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pipeline import cli, models, toy_task, training
+from pipeline.config import ModelsConfig, TaskConfig, load_section
+from stages.prompts import read_split
+
+log = logging.getLogger("models")
+
+
+def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = toy_task.build_tokenizer()
+    manifest = {}
+    if cfg.teacher == "toy":
+        teacher = models.build_toy_model(cfg.toy_teacher, tokenizer, cfg.seed)
+        rows = [
+            {
+                "prompt_ids": models.encode_prompt(tokenizer, r["prompt"]),
+                "response_ids": models.encode_response(tokenizer, r["answer"]),
+            }
+            for r in read_split(prompts_dir, "teacher_train")
+        ]
+        training.train(teacher, rows, cfg.teacher_training, tokenizer.pad_token_id, out / "logs" / "teacher")
+        models.save_model(teacher, tokenizer, out / "teacher")
+        manifest["teacher"] = {**models.describe("toy-teacher", out / "teacher"), "path": "teacher"}
+    else:
+        manifest["teacher"] = models.describe(cfg.teacher, models.resolve_model_dir(cfg.teacher))
+    if cfg.student == "toy":
+        student = models.build_toy_model(cfg.toy_student, tokenizer, cfg.seed + 1)
+        models.save_model(student, tokenizer, out / "student")
+        manifest["student"] = {**models.describe("toy-student", out / "student"), "path": "student"}
+    else:
+        manifest["student"] = models.describe(cfg.student, models.resolve_model_dir(cfg.student))
+    (out / models.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("teacher %s, student %s -> %s", manifest["teacher"]["id"], manifest["student"]["id"], out)
+    return manifest
+
+
+def main(argv=None):
+    args = cli.stage_args(__doc__, argv, "prompts", "out")
+    run(load_section("models", args.params), load_section("task", args.params), args.prompts, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Offline on-policy distillation: train the SFT student against the cached teacher signal only.
+
+    python -m stages.opd --params params.yaml --sft-model models/sft --rollouts data/rollouts --teacher-cache data/teacher_cache --out models/opd
+
+No teacher is loaded: the loss (opd.loss) uses the teacher log-probs and top-k stored by the
+teacher_logprobs stage. Training refuses a cache scored by another teacher than the one that wrote
+the SFT data (the paper's teacher-consistency condition), a cache of other rollouts, and a top_k
+above the cache's k.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data_schemas import SchemaError, teacher_cache
+from data_schemas import rollouts as rollouts_schema
+from pipeline import cli, models, shards, training
+from pipeline.config import ConfigError, OpdConfig, load_section
+from stages.teacher_logprobs import file_sha256
+
+log = logging.getLogger("opd")
+
+
+def _topk_rows(column: pa.ChunkedArray, k: int, dtype) -> list[np.ndarray]:
+    """Per-row [R, k] arrays from a list<fixed_size_list<_, k>> column, without per-token Python."""
+    lists = column.combine_chunks()
+    flat = lists.flatten().flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, k)
+    offsets = lists.offsets.to_numpy()
+    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def load_rows(rollouts_dir: Path, cache_dir: Path) -> tuple[list[dict], dict]:
+    """Training rows (tokens, behaviour log-probs, teacher signal) and the cache's provenance."""
+    rows, cache_provenance = [], None
+    cache_paths = shards.list_shards(cache_dir)
+    rollout_paths = shards.list_shards(rollouts_dir)
+    if len(cache_paths) != len(rollout_paths) or not cache_paths:
+        raise SchemaError(
+            f"{cache_dir} has {len(cache_paths)} shards but {rollouts_dir} has {len(rollout_paths)}: "
+            f"the cache is incomplete or from other rollouts. Fix: rerun the teacher_logprobs stage.",
+            cache_dir,
+        )
+    for rollout_path, cache_path in zip(rollout_paths, cache_paths):
+        rollouts, _ = shards.read_shard(rollout_path, rollouts_schema)
+        cache, provenance = shards.read_shard(cache_path, teacher_cache)
+        if provenance.get("rollouts_sha256") != file_sha256(rollout_path):
+            raise SchemaError(
+                f"{cache_path} was scored from other rollouts than {rollout_path}. "
+                f"Fix: rerun the teacher_logprobs stage on these rollouts.",
+                cache_path,
+            )
+        teacher_cache.check_aligned(cache, rollouts, cache_path, rollout_path)
+        k = teacher_cache.k_of(cache)
+        ids = _topk_rows(cache["teacher_topk_ids"], k, np.int64)
+        logprobs = _topk_rows(cache["teacher_topk_logprobs"], k, np.float32)
+        for i, row in enumerate(rollouts.select(["prompt_ids", "response_ids", "behavior_logprobs"]).to_pylist()):
+            row["teacher_logprobs"] = cache["teacher_token_logprobs"][i].values.to_numpy()
+            row["teacher_topk_ids"], row["teacher_topk_logprobs"] = ids[i], logprobs[i]
+            rows.append(row)
+        cache_provenance = cache_provenance or provenance
+    return rows, cache_provenance
+
+
+def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: dict) -> None:
+    """Refuse a cache whose teacher differs from the SFT-data teacher, or whose k is too small."""
+    sft_teacher, cache_teacher = sft_provenance["sft_data_teacher"], cache_provenance["teacher"]
+    if sft_teacher["weights_sha256"] != cache_teacher["weights_sha256"]:
+        message = (
+            f"teacher inconsistency: the SFT data was written by {sft_teacher['id']} "
+            f"(weights {sft_teacher['weights_sha256'][:12]}) but the cache was scored by {cache_teacher['id']} "
+            f"(weights {cache_teacher['weights_sha256'][:12]}). Fix: rerun teacher_logprobs with the SFT teacher, "
+            f"or set opd.allow_teacher_mismatch: true to train anyway (biased; recorded in the metrics)."
+        )
+        if not cfg.allow_teacher_mismatch:
+            raise ConfigError(message)
+        log.warning("%s (allowed by opd.allow_teacher_mismatch)", message)
+    if cfg.top_k is not None and cfg.top_k > cache_provenance["k"]:
+        raise ConfigError(
+            f"opd.top_k is {cfg.top_k} but the teacher cache holds k={cache_provenance['k']}. "
+            f"Fix: lower opd.top_k, or raise teacher_logprobs.top_k and rerun teacher_logprobs."
+        )
+
+
+def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, out: Path) -> Path:
+    sft_provenance = models.read_provenance(sft_model)
+    rows, cache_provenance = load_rows(rollouts_dir, cache_dir)
+    check_consistency(cfg, sft_provenance, cache_provenance)
+    model = models.load_model(sft_model)
+    tokenizer = models.load_tokenizer(sft_model)
+    training.train(model, rows, cfg, tokenizer.pad_token_id, out / "logs", loss=cfg.loss)
+    models.save_model(model, tokenizer, out)
+    models.write_provenance(
+        out,
+        {
+            "stage": "opd",
+            "base": sft_provenance,
+            "sft_data_teacher": sft_provenance["sft_data_teacher"],
+            "cache_teacher": cache_provenance["teacher"],
+            "teacher_mismatch_allowed": cfg.allow_teacher_mismatch,
+            "config": vars(cfg),
+        },
+    )
+    log.info("%s: OPD student trained on %d rollouts for %d steps (loss %s)", out, len(rows), cfg.steps, cfg.loss)
+    return out
+
+
+def main(argv=None):
+    args = cli.stage_args(__doc__, argv, "sft_model", "rollouts", "teacher_cache", "out")
+    run(load_section("opd", args.params), args.sft_model, args.rollouts, args.teacher_cache, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The SFT student samples responses on the OPD prompts, keeping its log-prob of each sampled token.
+
+    python -m stages.rollouts --params params.yaml --policy models/sft --prompts data/prompts --out data/rollouts
+
+The log-probs (raw, temperature 1) are the behaviour policy mu's, for importance weights in OPD.
+Shard i uses seed `rollouts.seed + i`, so a crashed run resumes with exactly the rows an
+uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+
+from data_schemas import rollouts as rollouts_schema
+from pipeline import cli, engines, models, shards
+from pipeline.config import EngineConfig, SamplingConfig, load_section
+from stages.prompts import read_split
+
+log = logging.getLogger("rollouts")
+
+
+def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts_dir: Path, out: Path, round_: int = 0) -> int:
+    prompts = read_split(prompts_dir, "opd")
+    engine = engines.load_engine(policy_dir, engine_cfg)
+    provenance = {
+        "stage": "rollouts",
+        "policy": models.identity(models.describe(policy_dir.name, policy_dir)),
+        "engine": engine.version,
+        "logprob_mode": engines.LOGPROB_MODE,
+        "round": round_,
+        "config": vars(cfg),
+    }
+
+    def make_table(index: int, rows: slice) -> pa.Table:
+        chunk = prompts[rows]
+        prompt_ids = [models.encode_prompt(engine.tokenizer, r["prompt"]) for r in chunk]
+        gens = engine.generate(prompt_ids, cfg, seed=cfg.seed + index)
+        return pa.table(
+            {
+                "prompt_id": [chunk[g.prompt_index]["prompt_id"] for g in gens],
+                "sample_idx": [g.sample_idx for g in gens],
+                "round": [round_] * len(gens),
+                "prompt_ids": [prompt_ids[g.prompt_index] for g in gens],
+                "response_ids": [g.response_ids for g in gens],
+                "behavior_logprobs": [g.logprobs for g in gens],
+                "finish_reason": [g.finish_reason for g in gens],
+            }
+        )
+
+    written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, rollouts_schema, provenance)
+    log.info("%s: %d shards written (%d prompts x %d samples)", out, written, len(prompts), cfg.n)
+    return written
+
+
+def main(argv=None):
+    args = cli.stage_args(__doc__, argv, "policy", "prompts", "out")
+    params = args.params
+    run(load_section("rollouts", params), load_section("engine", params), args.policy, args.prompts, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Fine-tune the student on the teacher's SFT data (cross-entropy on response tokens).
+
+    python -m stages.sft --params params.yaml --models models/base --sft-data data/sft --out models/sft
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from data_schemas import sft_samples
+from pipeline import cli, models, shards, training
+from pipeline.config import TrainConfig, load_section
+
+log = logging.getLogger("sft")
+
+
+def run(cfg: TrainConfig, models_dir: Path, sft_data: Path, out: Path) -> Path:
+    student = models.read_manifest(models_dir)["student"]
+    table, data_provenance = shards.read_shards(sft_data, sft_samples)
+    model = models.load_model(student["path"])
+    tokenizer = models.load_tokenizer(student["path"])
+    rows = table.select(["prompt_ids", "response_ids"]).to_pylist()
+    training.train(model, rows, cfg, tokenizer.pad_token_id, out / "logs")
+    models.save_model(model, tokenizer, out)
+    models.write_provenance(
+        out,
+        {
+            "stage": "sft",
+            "base": models.identity(student),
+            "sft_data_teacher": data_provenance["teacher"],
+            "config": vars(cfg),
+        },
+    )
+    log.info("%s: SFT student trained on %d samples for %d steps", out, len(rows), cfg.steps)
+    return out
+
+
+def main(argv=None):
+    args = cli.stage_args(__doc__, argv, "models", "sft_data", "out")
+    run(load_section("sft", args.params), args.models, args.sft_data, args.out)
+
+
+if __name__ == "__main__":
+    main()

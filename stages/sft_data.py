@@ -1,0 +1,64 @@
+"""The teacher answers the SFT prompts; its responses become the student's SFT data.
+
+    python -m stages.sft_data --params params.yaml --models models/base --prompts data/prompts --out data/sft
+
+Responses cut at `max_new_tokens` (no end-of-sequence) are dropped: training on them would teach the
+student never to stop. Shards are written atomically, so a crashed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+
+from data_schemas import sft_samples
+from pipeline import cli, models, shards
+from pipeline.config import EngineConfig, SamplingConfig, load_section
+from pipeline.engines import load_engine
+from stages.prompts import read_split
+
+log = logging.getLogger("sft_data")
+
+
+def run(cfg: SamplingConfig, engine_cfg: EngineConfig, models_dir: Path, prompts_dir: Path, out: Path) -> int:
+    teacher = models.read_manifest(models_dir)["teacher"]
+    prompts = read_split(prompts_dir, "sft")
+    engine = load_engine(teacher["path"], engine_cfg)
+    provenance = {
+        "stage": "sft_data",
+        "teacher": models.identity(teacher),
+        "engine": engine.version,
+        "config": vars(cfg),
+    }
+    dropped = 0
+
+    def make_table(index: int, rows: slice) -> pa.Table:
+        nonlocal dropped
+        chunk = prompts[rows]
+        prompt_ids = [models.encode_prompt(engine.tokenizer, r["prompt"]) for r in chunk]
+        gens = engine.generate(prompt_ids, cfg, seed=cfg.seed + index)
+        kept = [g for g in gens if g.finish_reason == "stop"]
+        dropped += len(gens) - len(kept)
+        return pa.table(
+            {
+                "prompt_id": [chunk[g.prompt_index]["prompt_id"] for g in kept],
+                "prompt_ids": [prompt_ids[g.prompt_index] for g in kept],
+                "response_ids": [g.response_ids for g in kept],
+            }
+        )
+
+    written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, sft_samples, provenance)
+    log.info("%s: %d shards written, %d truncated responses dropped", out, written, dropped)
+    return written
+
+
+def main(argv=None):
+    args = cli.stage_args(__doc__, argv, "models", "prompts", "out")
+    params = args.params
+    run(load_section("sft_data", params), load_section("engine", params), args.models, args.prompts, args.out)
+
+
+if __name__ == "__main__":
+    main()

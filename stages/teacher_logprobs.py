@@ -1,0 +1,89 @@
+"""The teacher scores the rollouts once; its log-probs are cached in Parquet shards for OPD.
+
+    python -m stages.teacher_logprobs --params params.yaml --models models/base --rollouts data/rollouts --out data/teacher_cache
+
+Cache shard i scores rollout shard i row by row (same keys, same order). Per response token it
+stores the teacher's exact log-prob of the sampled token (float32) and its top-k ids and log-probs.
+Finished shards are kept on rerun, so a killed run recomputes only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data_schemas import rollouts as rollouts_schema
+from data_schemas import teacher_cache
+from pipeline import cli, engines, models, shards
+from pipeline.config import EngineConfig, TeacherLogprobsConfig, load_section
+
+log = logging.getLogger("teacher_logprobs")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _fixed_size(arrays: list[np.ndarray], value_type: pa.DataType, k: int) -> pa.Array:
+    """list<fixed_size_list<value_type, k>> from per-row [R, k] arrays, without Python loops over tokens."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), k)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+def scores_table(rollouts: pa.Table, scores: list[engines.Scores], k: int) -> pa.Table:
+    """The cache rows for `rollouts` (keys copied) from the engine's scores."""
+    return pa.table(
+        {
+            **{key: rollouts[key] for key in teacher_cache.KEYS},
+            "teacher_token_logprobs": [s.token_logprobs for s in scores],
+            "teacher_topk_ids": _fixed_size([s.topk_ids for s in scores], pa.int32(), k),
+            "teacher_topk_logprobs": _fixed_size([s.topk_logprobs.astype(np.float16) for s in scores], pa.float16(), k),
+        }
+    )
+
+
+def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, rollouts_dir: Path, out: Path) -> int:
+    teacher = models.read_manifest(models_dir)["teacher"]
+    rollout_paths = shards.list_shards(rollouts_dir)
+    if not rollout_paths:
+        raise FileNotFoundError(f"{rollouts_dir} holds no rollout shards: run the rollouts stage first")
+    engine = None
+
+    def provenance(index: int) -> dict:
+        return {
+            "stage": "teacher_logprobs",
+            "teacher": models.identity(teacher),
+            "engine": engines.engine_version(engine_cfg.name),
+            "logprob_mode": engines.LOGPROB_MODE,
+            "temperature": 1.0,
+            "k": cfg.top_k,
+            "rollouts_sha256": file_sha256(rollout_paths[index]),
+        }
+
+    def make_table(index: int, _rows) -> pa.Table:
+        nonlocal engine
+        engine = engine or engines.load_engine(teacher["path"], engine_cfg)  # only if a shard is missing
+        rollouts, _ = shards.read_shard(rollout_paths[index], rollouts_schema)
+        scores = engine.score(rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist(), cfg.top_k)
+        return scores_table(rollouts, scores, cfg.top_k)
+
+    written = shards.fill_shards(out, len(rollout_paths), 1, make_table, teacher_cache, provenance, k=cfg.top_k)
+    log.info("%s: %d of %d shards scored now", out, written, len(rollout_paths))
+    return written
+
+
+def main(argv=None):
+    args = cli.stage_args(__doc__, argv, "models", "rollouts", "out")
+    params = args.params
+    run(load_section("teacher_logprobs", params), load_section("engine", params), args.models, args.rollouts, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Schema contracts: valid tables pass; every kind of bad input names file, column, row and fix."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from data_schemas import (
+    SCHEMA_KEY,
+    VERSION_KEY,
+    SchemaError,
+    check_metadata,
+    conform,
+    validate,
+)
+from data_schemas import prompts, rollouts, sft_samples, teacher_cache
+
+PATH = "/data/example/part-00000.parquet"
+
+
+def prompts_table(**overrides):
+    columns = {
+        "prompt_id": ["p0", "p1", "p2"],
+        "prompt": ["1+1=", "2+2=", "3+3="],
+        "answer": ["2", None, "6"],
+        "split": ["train", "train", "test"],
+    }
+    return pa.table({**columns, **overrides}, schema=None if overrides else prompts.schema())
+
+
+def sft_table():
+    return pa.table(
+        {"prompt_id": ["p0", "p1"], "prompt_ids": [[1, 2], [3]], "response_ids": [[4, 5, 6], [7]]},
+        schema=sft_samples.schema(),
+    )
+
+
+def rollouts_table(**overrides):
+    columns = {
+        "prompt_id": ["p0", "p0", "p1"],
+        "sample_idx": [0, 1, 0],
+        "round": [0, 0, 0],
+        "prompt_ids": [[1, 2], [1, 2], [3]],
+        "response_ids": [[4, 5], [6], [7, 8, 9]],
+        "behavior_logprobs": [[-0.1, -0.2], [-0.3], [-0.4, -0.5, -0.6]],
+        "finish_reason": ["stop", "length", "stop"],
+    }
+    columns.update(overrides)
+    return pa.Table.from_pydict(columns, schema=rollouts.schema())
+
+
+def cache_table(k=2, lengths=(2, 1, 3), keys=None):
+    keys = keys or [("p0", 0, 0), ("p0", 1, 0), ("p1", 0, 0)]
+    return pa.Table.from_pydict(
+        {
+            "prompt_id": [key[0] for key in keys],
+            "sample_idx": [key[1] for key in keys],
+            "round": [key[2] for key in keys],
+            "teacher_token_logprobs": [[-0.5] * n for n in lengths],
+            "teacher_topk_ids": [[list(range(k))] * n for n in lengths],
+            "teacher_topk_logprobs": [[[-1.0] * k] * n for n in lengths],
+        },
+        schema=teacher_cache.schema(k),
+    )
+
+
+# --- valid tables -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "artefact, make",
+    [(prompts, prompts_table), (sft_samples, sft_table), (rollouts, rollouts_table), (teacher_cache, cache_table)],
+)
+def test_valid_tables_pass_and_carry_name_and_version(artefact, make):
+    table = make()
+    validate(table, artefact, PATH)
+    assert table.schema.metadata[SCHEMA_KEY] == artefact.NAME.encode()
+    assert table.schema.metadata[VERSION_KEY] == b"1"
+    assert artefact.VERSION == 1
+
+
+def test_conform_casts_loose_producer_types_losslessly():
+    loose = pa.table(
+        {
+            "finish_reason": pa.array(["stop"], pa.large_string()),
+            "prompt_id": ["p0"],  # column order differs from the schema
+            "sample_idx": pa.array([0], pa.int64()),
+            "round": [0],
+            "prompt_ids": [[1, 2]],
+            "response_ids": [[3]],
+            "behavior_logprobs": pa.array([[-0.5]], pa.list_(pa.float64())),
+        }
+    )
+    table = conform(loose, rollouts, PATH)
+    assert table.schema.equals(rollouts.schema(), check_metadata=True)
+    assert table.to_pylist()[0]["behavior_logprobs"] == [-0.5]
+
+
+def test_conform_builds_fixed_size_top_k_from_nested_lists():
+    loose = pa.table(
+        {
+            "prompt_id": ["p0"], "sample_idx": [0], "round": [0],
+            "teacher_token_logprobs": [[-0.1, -0.2]],
+            "teacher_topk_ids": [[[1, 2, 3], [4, 5, 6]]],
+            "teacher_topk_logprobs": [[[-0.1, -2.0, -3.0], [-0.2, -1.5, -4.0]]],
+        }
+    )
+    table = conform(loose, teacher_cache, PATH, k=3)
+    assert teacher_cache.k_of(table) == 3
+    assert table.schema.field("teacher_topk_logprobs").type == pa.list_(pa.list_(pa.float16(), 3))
+
+    with pytest.raises(SchemaError) as error:
+        conform(loose, teacher_cache, PATH, k=2)  # a list of the wrong length is never truncated
+    assert PATH in str(error.value) and "teacher_topk_ids" in str(error.value)
+
+    with pytest.raises(SchemaError, match="pass k="):
+        conform(loose, teacher_cache, PATH)  # k cannot be read from variable-length lists
+
+
+def test_conform_refuses_overflow_and_kind_changes():
+    overflow = rollouts_table().set_column(1, "sample_idx", pa.array([0, 1, 2**40], pa.int64()))
+    with pytest.raises(SchemaError) as error:
+        conform(overflow, rollouts, PATH)
+    message = str(error.value)
+    assert PATH in message and "'sample_idx'" in message and "int32" in message and "int64" in message
+
+    as_text = rollouts_table().set_column(1, "sample_idx", pa.array(["0", "1", "2"]))
+    with pytest.raises(SchemaError, match="'sample_idx': expected type int32, found string"):
+        conform(as_text, rollouts, PATH)
+
+
+# --- column-level errors ------------------------------------------------------------------------
+
+
+def test_missing_column_names_file_column_and_type():
+    table = rollouts_table().drop_columns(["behavior_logprobs"])
+    with pytest.raises(SchemaError) as error:
+        validate(table, rollouts, PATH)
+    message = str(error.value)
+    assert PATH in message and "'behavior_logprobs'" in message and "list<item: float>" in message
+    assert error.value.path == PATH
+
+
+def test_unexpected_column_is_refused():
+    table = sft_table().append_column("extra", pa.array([1, 2]))
+    with pytest.raises(SchemaError, match=r"unexpected column\(s\) \['extra'\]") as error:
+        validate(table, sft_samples, PATH)
+    assert PATH in str(error.value)
+
+
+def test_wrong_type_names_file_column_expected_and_found():
+    table = rollouts_table().set_column(1, "sample_idx", pa.array([0, 1, 0], pa.int64()))
+    with pytest.raises(SchemaError) as error:
+        validate(table, rollouts, PATH)
+    message = str(error.value)
+    assert PATH in message
+    assert "column 'sample_idx': expected type int32, found int64" in message
+
+
+def test_null_names_first_bad_row():
+    table = pa.table(
+        {"prompt_id": ["p0", "p1", None], "prompt": ["a", "b", "c"], "answer": [None] * 3, "split": ["t"] * 3}
+    )
+    table = table.cast(pa.schema([field.with_nullable(True) for field in prompts.schema()]))
+    with pytest.raises(SchemaError) as error:
+        validate(table, prompts, PATH)
+    message = str(error.value)
+    assert PATH in message and "column 'prompt_id', row 2" in message and "found null" in message
+
+
+def test_null_inside_a_list_is_reported_at_its_row():
+    table = pa.table(
+        {"prompt_id": ["p0", "p1", "p2"], "prompt_ids": [[1], [2], [3]], "response_ids": [[4], [5], [6, None]]}
+    ).cast(pa.schema([field.with_nullable(True) for field in sft_samples.schema()]))
+    # a second chunk checks that rows count across chunks
+    table = pa.concat_tables([table.slice(0, 1), table.slice(1)])
+    with pytest.raises(SchemaError, match=r"column 'response_ids', row 2: expected a value, found null"):
+        validate(table, sft_samples, PATH)
+
+
+# --- row rules ----------------------------------------------------------------------------------
+
+
+def test_answer_may_be_null_but_prompt_may_not_be_empty():
+    validate(prompts_table(), prompts, PATH)
+    table = pa.Table.from_pydict(
+        {"prompt_id": ["a", "b"], "prompt": ["x", "  "], "answer": [None, None], "split": ["t", "t"]},
+        schema=prompts.schema(),
+    )
+    with pytest.raises(SchemaError, match=r"column 'prompt', row 1: expected a non-empty prompt"):
+        validate(table, prompts, PATH)
+
+
+def test_duplicate_prompt_id_names_the_id_and_both_rows():
+    table = pa.Table.from_pydict(
+        {"prompt_id": ["a", "b", "c", "b"], "prompt": ["w", "x", "y", "z"], "answer": [None] * 4, "split": ["t"] * 4},
+        schema=prompts.schema(),
+    )
+    with pytest.raises(SchemaError) as error:
+        validate(table, prompts, PATH)
+    message = str(error.value)
+    assert PATH in message and "'prompt_id', row 3" in message and "'b'" in message and "first at row 1" in message
+
+
+def test_empty_sft_response_is_refused():
+    table = pa.Table.from_pydict(
+        {"prompt_id": ["p0", "p1"], "prompt_ids": [[1], [2]], "response_ids": [[3], []]}, schema=sft_samples.schema()
+    )
+    with pytest.raises(SchemaError, match=r"column 'response_ids', row 1: expected at least one token"):
+        validate(table, sft_samples, PATH)
+
+
+def test_behaviour_logprob_length_mismatch_names_row_and_both_lengths():
+    table = rollouts_table(behavior_logprobs=[[-0.1, -0.2], [-0.3], [-0.4, -0.5]])
+    with pytest.raises(SchemaError) as error:
+        validate(table, rollouts, PATH)
+    message = str(error.value)
+    assert PATH in message and "column 'behavior_logprobs', row 2" in message
+    assert "(3, the length of response_ids)" in message and "found 2" in message
+
+
+def test_unknown_finish_reason_is_refused():
+    table = rollouts_table(finish_reason=["stop", "abort", "stop"])
+    with pytest.raises(SchemaError, match=r"column 'finish_reason', row 1: expected one of \['stop', 'length'\], found 'abort'"):
+        validate(table, rollouts, PATH)
+
+
+def test_teacher_columns_must_have_equal_lengths():
+    table = cache_table()
+    bad_ids = pa.array([[[0, 1]] * 2, [[0, 1]] * 1, [[0, 1]] * 2], pa.list_(pa.list_(pa.int32(), 2)))
+    table = table.set_column(4, "teacher_topk_ids", bad_ids)
+    with pytest.raises(SchemaError) as error:
+        validate(table, teacher_cache, PATH)
+    message = str(error.value)
+    assert PATH in message and "column 'teacher_topk_ids', row 2" in message and "(3, " in message and "found 2" in message
+
+
+def test_k_is_read_from_the_table_and_must_be_positive():
+    assert teacher_cache.k_of(cache_table(k=5)) == 5
+    assert teacher_cache.k_of(teacher_cache.schema(7)) == 7
+    validate(cache_table(k=5), teacher_cache, PATH)  # no k given: read from the table
+    with pytest.raises(SchemaError, match=r"'teacher_topk_ids': expected type .*\[4\]>, found .*\[5\]>"):
+        validate(cache_table(k=5), teacher_cache, PATH, k=4)
+    # k is read from the ids; top-k log-probs of another width are a type error
+    mixed = cache_table(k=5).set_column(5, "teacher_topk_logprobs", cache_table(k=4)["teacher_topk_logprobs"])
+    with pytest.raises(SchemaError, match=r"'teacher_topk_logprobs': expected type .*halffloat>\[5\]>"):
+        validate(mixed, teacher_cache, PATH)
+    with pytest.raises(ValueError, match="positive int"):
+        teacher_cache.schema(0)
+
+
+# --- teacher cache vs rollouts ------------------------------------------------------------------
+
+ROLLOUTS_PATH = "/data/rollouts/part-00003.parquet"
+CACHE_PATH = "/data/teacher_cache/part-00003.parquet"
+
+
+def test_aligned_cache_passes():
+    teacher_cache.check_aligned(cache_table(), rollouts_table(), CACHE_PATH, ROLLOUTS_PATH)
+
+
+def test_misaligned_keys_name_the_first_row_and_the_stage():
+    cache = cache_table(keys=[("p0", 0, 0), ("p1", 0, 0), ("p0", 1, 0)], lengths=(2, 3, 1))
+    with pytest.raises(SchemaError) as error:
+        teacher_cache.check_aligned(cache, rollouts_table(), CACHE_PATH, ROLLOUTS_PATH)
+    message = str(error.value)
+    assert CACHE_PATH in message and ROLLOUTS_PATH in message and "row 1" in message
+    assert "'prompt_id': 'p0', 'sample_idx': 1" in message and "teacher_logprobs" in message
+
+
+def test_alignment_does_not_depend_on_chunking():
+    rollouts_chunked = pa.concat_tables([rollouts_table().slice(0, 1), rollouts_table().slice(1)])
+    teacher_cache.check_aligned(cache_table(), rollouts_chunked, CACHE_PATH, ROLLOUTS_PATH)
+
+
+def test_misaligned_lengths_and_row_counts():
+    with pytest.raises(SchemaError, match=r"row 2 is not aligned.*3 teacher_token_logprobs.*found .* and 2"):
+        teacher_cache.check_aligned(cache_table(lengths=(2, 1, 2)), rollouts_table(), CACHE_PATH, ROLLOUTS_PATH)
+    with pytest.raises(SchemaError, match=r"has 2 rows but .* has 3; they first differ at row 2"):
+        teacher_cache.check_aligned(cache_table().slice(0, 2), rollouts_table(), CACHE_PATH, ROLLOUTS_PATH)
+
+
+# --- file metadata ------------------------------------------------------------------------------
+
+
+def test_file_metadata_must_name_this_artefact_and_version():
+    check_metadata(rollouts.schema(), rollouts, PATH)
+    with pytest.raises(SchemaError) as error:
+        check_metadata(rollouts.schema(), teacher_cache, PATH)
+    message = str(error.value)
+    assert PATH in message and "holds rollouts v1, expected teacher_cache v1" in message
+    assert "another stage or another version" in message and "teacher_logprobs" in message
+
+    newer = rollouts.schema().with_metadata({SCHEMA_KEY: b"rollouts", VERSION_KEY: b"2"})
+    with pytest.raises(SchemaError, match="holds rollouts v2, expected rollouts v1"):
+        check_metadata(newer, rollouts, PATH)
+
+    with pytest.raises(SchemaError, match="not written by this pipeline"):
+        check_metadata(rollouts.schema().remove_metadata(), rollouts, PATH)
