@@ -46,11 +46,11 @@ class ToyModelConfig:
     hidden_size: int = 128
     num_layers: int = 2
     intermediate_size: int = 512
+    num_heads: int = 2
+    """Attention heads of head_dim 64 each (their total width may exceed hidden_size)."""
 
     def __post_init__(self):
-        _positive(self, "hidden_size", "num_layers", "intermediate_size")
-        if self.hidden_size % 64:
-            raise ConfigError(f"hidden_size must be a multiple of 64 (head_dim 64), got {self.hidden_size}")
+        _positive(self, "hidden_size", "num_layers", "intermediate_size", "num_heads")
 
 
 @dataclass
@@ -88,7 +88,7 @@ class ModelsConfig:
     student: str = "toy"
     """`toy` initialises the toy student; otherwise a local model directory or a hub id."""
     toy_teacher: ToyModelConfig = field(default_factory=ToyModelConfig)
-    toy_student: ToyModelConfig = field(default_factory=lambda: ToyModelConfig(64, 1, 256))
+    toy_student: ToyModelConfig = field(default_factory=lambda: ToyModelConfig(64, 1, 256, 1))
     teacher_training: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, lr=3e-3, warmup_steps=60))
     """How the toy teacher is trained on reference answers."""
     seed: int = 0

@@ -87,7 +87,7 @@ def build_toy_model(cfg: ToyModelConfig, tokenizer, seed: int):
     """A freshly initialised Llama-style model sized by `cfg` (head_dim 64)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    heads = cfg.hidden_size // 64
+    heads = cfg.num_heads
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,

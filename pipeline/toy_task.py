@@ -1,14 +1,16 @@
 """The embedded default task: long addition written out digit by digit, with carries.
 
 A prompt lists the digit pairs of two n-digit numbers, least significant first, e.g. 347 + 589 is
-``"79,48,35="``. The answer writes, for each pair, the sum digit and the carry, then ``;``:
-``"61;31;90;"`` (7+9=16: digit 6 carry 1; 4+8+1=13: digit 3 carry 1; 3+5+1=9: digit 9 carry 0),
-so the sum 936 is read back from the sum digits in reverse.
+``"79,48,35="``. The answer writes, for each pair, the column total (pair plus incoming carry) as
+its carry digit then its units digit, then ``;``: ``"16;13;09;"`` (7+9=16, 4+8+1=13, 3+5+1=09),
+so the sum 936 is read back from the units digits in reverse.
 
 Why this shape: each answer token depends on inputs at a fixed relative distance (the pair it
-adds and the previous carry), so a tiny transformer learns it in minutes on a CPU; and a single
-wrong carry corrupts every later digit, so errors compound over the long answer, which is the
-regime where on-policy distillation helps (the student learns from its own mistakes).
+adds and the previous carry), so a tiny transformer learns it in minutes on a CPU. The carry comes
+first because it grows with each input (a units digit alone is a sum mod 10, which no single input
+predicts, and small models stall on it). A single wrong carry corrupts every later column, so errors
+compound over the long answer: the regime where on-policy distillation helps, since the student
+learns from the teacher on its own mistakes.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def solve(prompt: str) -> str:
     for pair in pairs:
         total = int(pair[0]) + int(pair[1]) + carry
         carry = total // 10
-        steps.append(f"{total % 10}{carry};")
+        steps.append(f"{carry}{total % 10};")
     return "".join(steps)
 
 

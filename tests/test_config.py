@@ -46,8 +46,8 @@ def test_wrong_types_and_values_are_explained():
         from_dict(SECTIONS["sft"], {"steps": "10"}, "sft")
     with pytest.raises(ConfigError, match="opd.loss must be one of"):
         from_dict(SECTIONS["opd"], {"loss": "kl"}, "opd")
-    with pytest.raises(ConfigError, match="hidden_size must be a multiple of 64"):
-        from_dict(SECTIONS["models"], {"toy_student": {"hidden_size": 96}}, "models")
+    with pytest.raises(ConfigError, match="num_heads must be > 0"):
+        from_dict(SECTIONS["models"], {"toy_student": {"num_heads": 0}}, "models")
     assert from_dict(SECTIONS["opd"], {"lr": 1}, "opd").lr == 1.0  # ints are fine where floats are expected
 
 
