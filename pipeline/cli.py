@@ -36,3 +36,7 @@ def main(argv=None) -> None:
 def _summary(stage: str) -> str:
     doc = importlib.import_module(f"stages.{stage}").__doc__ or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+if __name__ == "__main__":
+    main()
