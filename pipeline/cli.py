@@ -30,6 +30,7 @@ def main(argv=None) -> None:
         lines = [f"  {name:<17} {_summary(name)}" for name in STAGES]
         print("usage: opd <stage> [--help] [options]\n\nstages, in pipeline order:\n" + "\n".join(lines))
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    sys.argv[0] = f"opd {argv[0]}"  # argparse names the program after it in usage lines
     importlib.import_module(f"stages.{argv[0]}").main(argv[1:])
 
 

@@ -117,6 +117,8 @@ class EngineConfig:
 
 
 ENGINES = ("hf",)
+LOSSES = ("sft", "opd", "topk_fkl", "opd+topk_fkl")
+"""Objectives pipeline.losses.compute_loss implements (declared here so configs validate early)."""
 
 
 @dataclass
@@ -167,8 +169,6 @@ class OpdConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from pipeline.losses import LOSSES
-
         if self.loss not in LOSSES:
             raise ConfigError(f"opd.loss must be one of {LOSSES}, got {self.loss!r}")
 

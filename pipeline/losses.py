@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-LOSSES: tuple[str, ...] = ("sft", "opd", "topk_fkl", "opd+topk_fkl")
-"""Names accepted by :func:`compute_loss`."""
+from pipeline.config import LOSSES  # the names compute_loss accepts, declared with the configs that choose one
 
 TEACHER_LOGPROB_FLOOR = -1e4
 """Stand-in for a teacher log-prob of -inf (token outside the teacher's processed support).

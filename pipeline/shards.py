@@ -8,6 +8,7 @@ rerun recomputes just the shards that `pending_shards` reports.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,15 @@ ROW_GROUP_SIZE = 256
 
 _SHARD_NAME = re.compile(r"^part-(\d+)\.parquet$")
 _TEMP_NAME = re.compile(r"^\.part-(\d+)\.parquet\.tmp-")
+
+
+def file_sha256(path) -> str:
+    """Content hash of a finished shard: what a derived artefact records as its input."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def shard_path(directory, index: int) -> Path:

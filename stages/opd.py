@@ -20,7 +20,6 @@ from data_schemas import SchemaError, teacher_cache
 from data_schemas import rollouts as rollouts_schema
 from pipeline import cli, models, shards, training
 from pipeline.config import ConfigError, OpdConfig, load_section
-from stages.teacher_logprobs import file_sha256
 
 log = logging.getLogger("opd")
 
@@ -47,7 +46,7 @@ def load_rows(rollouts_dir: Path, cache_dir: Path) -> tuple[list[dict], dict]:
     for rollout_path, cache_path in zip(rollout_paths, cache_paths):
         rollouts, _ = shards.read_shard(rollout_path, rollouts_schema)
         cache, provenance = shards.read_shard(cache_path, teacher_cache)
-        if provenance.get("rollouts_sha256") != file_sha256(rollout_path):
+        if provenance.get("rollouts_sha256") != shards.file_sha256(rollout_path):
             raise SchemaError(
                 f"{cache_path} was scored from other rollouts than {rollout_path}. "
                 f"Fix: rerun the teacher_logprobs stage on these rollouts.",

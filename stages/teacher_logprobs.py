@@ -9,7 +9,6 @@ Finished shards are kept on rerun, so a killed run recomputes only what is missi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -22,10 +21,6 @@ from pipeline import cli, engines, models, shards
 from pipeline.config import EngineConfig, TeacherLogprobsConfig, load_section
 
 log = logging.getLogger("teacher_logprobs")
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _fixed_size(arrays: list[np.ndarray], value_type: pa.DataType, k: int) -> pa.Array:
@@ -64,7 +59,7 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
             "logprob_mode": engines.LOGPROB_MODE,
             "temperature": 1.0,
             "k": cfg.top_k,
-            "rollouts_sha256": file_sha256(rollout_paths[index]),
+            "rollouts_sha256": shards.file_sha256(rollout_paths[index]),
         }
 
     def make_table(index: int, _rows) -> pa.Table:

@@ -224,3 +224,22 @@ def test_cli_lists_stages_and_runs_one(tmp_path):
     subprocess.run([sys.executable, "-m", "pipeline.cli", "prompts", "--params", str(TINY_PARAMS), "--out", str(out)],
                    env=env, check=True, capture_output=True)
     assert shards.read_shards(out, prompts_schema)[0].num_rows == 254
+
+
+def test_models_stage_records_real_models_by_path(tiny_run, tmp_path):
+    """Configured (non-toy) models are resolved and recorded with their hashes, not copied or trained."""
+    from stages import models as models_stage
+
+    teacher_dir, student_dir = tiny_run / "models/base/teacher", tiny_run / "models/base/student"
+    cfg = section("models")
+    cfg.teacher, cfg.student = str(teacher_dir), str(student_dir)
+    manifest = models_stage.run(cfg, section("task"), tiny_run / "data/prompts", tmp_path / "base")
+    assert manifest["teacher"]["path"] == str(teacher_dir)
+    assert manifest["teacher"]["weights_sha256"] == models.weights_hash(teacher_dir)
+    assert models.read_manifest(tmp_path / "base")["student"]["path"] == str(student_dir)
+    assert not (tmp_path / "base" / "teacher").exists()
+
+
+def test_missing_local_model_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        models.resolve_model_dir(str(tmp_path / "nope"))
