@@ -10,6 +10,8 @@ from pathlib import Path
 
 STAGES = ("prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "opd", "evaluate")
 """Pipeline order."""
+TOOLS = {"inspect": "pipeline.inspect_cache"}
+"""Subcommands that are not stages: module implementing each."""
 
 
 def stage_args(doc: str, argv, *paths: str) -> argparse.Namespace:
@@ -26,16 +28,20 @@ def stage_args(doc: str, argv, *paths: str) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        lines = [f"  {name:<17} {_summary(name)}" for name in STAGES]
-        print("usage: opd <stage> [--help] [options]\n\nstages, in pipeline order:\n" + "\n".join(lines))
+        lines = [f"  {name:<17} {_summary(f'stages.{name}')}" for name in STAGES]
+        tools = [f"  {name:<17} {_summary(module)}" for name, module in TOOLS.items()]
+        print("usage: opd <stage> [--help] [options]\n\nstages, in pipeline order:\n" + "\n".join(lines)
+              + "\n\ntools:\n" + "\n".join(tools))
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     sys.argv[0] = f"opd {argv[0]}"  # argparse names the program after it in usage lines
     importlib.import_module(f"stages.{argv[0]}").main(argv[1:])
 
 
-def _summary(stage: str) -> str:
-    doc = importlib.import_module(f"stages.{stage}").__doc__ or ""
+def _summary(module: str) -> str:
+    doc = importlib.import_module(module).__doc__ or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 

@@ -219,7 +219,7 @@ def test_cli_lists_stages_and_runs_one(tmp_path):
     listing = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], env=env, capture_output=True, text=True)
     assert listing.returncode == 0
     names = [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("  ")]
-    assert names == ["prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "opd", "evaluate"]
+    assert names == ["prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "opd", "evaluate", "inspect"]
     out = tmp_path / "prompts"
     subprocess.run([sys.executable, "-m", "pipeline.cli", "prompts", "--params", str(TINY_PARAMS), "--out", str(out)],
                    env=env, check=True, capture_output=True)

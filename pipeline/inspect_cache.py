@@ -1,0 +1,76 @@
+"""Summarise a directory of pipeline shards (any artefact; most detail for the teacher cache).
+
+    opd inspect data/teacher_cache
+
+Built on polars lazy scans, so it reads only the columns it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from data_schemas import PROVENANCE_KEY, SCHEMA_KEY
+from pipeline import shards
+
+TOKEN_COLUMNS = ("teacher_token_logprobs", "response_ids")
+"""The first of these a table has is what "tokens" counts (one per response token)."""
+LENGTH_BINS = 8
+
+
+def summarise(directory) -> dict:
+    directory = Path(directory)
+    paths = shards.list_shards(directory)
+    if not paths:
+        raise FileNotFoundError(f"{directory} holds no shards (part-00000.parquet, ...)")
+    metadata = pq.read_schema(paths[0]).metadata or {}
+    frame = pl.scan_parquet([str(p) for p in paths])
+    columns = frame.collect_schema().names()
+    size = sum(p.stat().st_size for p in paths)
+    out = {
+        "path": str(directory),
+        "artefact": metadata.get(SCHEMA_KEY, b"?").decode(),
+        "shards": len(paths),
+        "rows": frame.select(pl.len()).collect().item(),
+        "size_bytes": size,
+    }
+    provenance = json.loads(metadata.get(PROVENANCE_KEY, b"{}"))
+    if "teacher" in provenance:
+        out["teacher"] = provenance["teacher"].get("id")
+        out["teacher_weights_sha256"] = provenance["teacher"].get("weights_sha256")
+    token_column = next((c for c in TOKEN_COLUMNS if c in columns), None)
+    if token_column:
+        lengths = frame.select(pl.col(token_column).list.len().alias("n")).collect()["n"]
+        out["tokens"] = int(lengths.sum())
+        out["bytes_per_token"] = round(size / max(out["tokens"], 1), 3)
+        out["response_length_histogram"] = _histogram(lengths)
+    if "teacher_topk_logprobs" in columns:
+        out["k"] = frame.collect_schema()["teacher_topk_logprobs"].inner.size
+        per_token = frame.select(
+            pl.col("teacher_token_logprobs").explode().alias("lp"),
+            pl.col("teacher_topk_logprobs").explode().arr.to_list().list.eval(pl.element().cast(pl.Float32).exp()).list.sum().alias("mass"),
+        ).collect()
+        out["mean_teacher_logprob"] = round(float(per_token["lp"].mean()), 4)
+        out["topk_mass_mean"] = round(float(per_token["mass"].mean()), 4)
+        out["topk_mass_p05"] = round(float(per_token["mass"].quantile(0.05)), 4)
+    return out
+
+
+def _histogram(lengths: pl.Series) -> dict[str, int]:
+    """Counts of lengths in LENGTH_BINS equal-width bins, keyed "lo-hi"."""
+    low, high = int(lengths.min()), int(lengths.max())
+    width = max(1, -(-(high - low + 1) // LENGTH_BINS))
+    bins = ((lengths - low) // width).value_counts().sort(lengths.name)
+    return {f"{low + b * width}-{low + (b + 1) * width - 1}": int(c) for b, c in bins.iter_rows()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="opd inspect", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("path", type=Path, help="a shard directory, e.g. data/teacher_cache")
+    args = parser.parse_args(argv)
+    for key, value in summarise(args.path).items():
+        print(f"{key:<26} {value}")
