@@ -4,8 +4,8 @@
 
 No teacher is loaded: the loss (opd.loss) uses the teacher log-probs and top-k stored by the
 teacher_logprobs stage. Training refuses a cache scored by another teacher than the one that wrote
-the SFT data (the paper's teacher-consistency condition), a cache of other rollouts, and a top_k
-above the cache's k.
+the SFT data (the paper's teacher-consistency condition), a teacher whose tokenizer differs from the
+student's, a cache of other rollouts, and a top_k above the cache's k.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def load_rows(rollouts_dir: Path, cache_dir: Path) -> tuple[list[dict], dict]:
 
 
 def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: dict) -> None:
-    """Refuse a cache whose teacher differs from the SFT-data teacher, or whose k is too small."""
+    """Refuse a cache whose teacher differs from the SFT-data teacher, whose tokenizer differs from the
+    student's, or whose k is too small."""
     sft_teacher, cache_teacher = sft_provenance["sft_data_teacher"], cache_provenance["teacher"]
     if sft_teacher["weights_sha256"] != cache_teacher["weights_sha256"]:
         message = (
@@ -77,6 +78,14 @@ def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: di
         if not cfg.allow_teacher_mismatch:
             raise ConfigError(message)
         log.warning("%s (allowed by opd.allow_teacher_mismatch)", message)
+    student_tok, teacher_tok = sft_provenance["base"]["tokenizer_sha256"], cache_teacher["tokenizer_sha256"]
+    if student_tok != teacher_tok:
+        raise ConfigError(
+            f"tokenizer mismatch: the student ({sft_provenance['base']['id']}, tokenizer {student_tok[:12]}) and the "
+            f"cache's teacher ({cache_teacher['id']}, tokenizer {teacher_tok[:12]}) map tokens to different ids, so "
+            f"the cached top-k ids mean other tokens to the student. Fix: use a student and teacher of one "
+            f"tokenizer family (same vocabulary and token-to-id mapping) in the models section."
+        )
     if cfg.top_k is not None and cfg.top_k > cache_provenance["k"]:
         raise ConfigError(
             f"opd.top_k is {cfg.top_k} but the teacher cache holds k={cache_provenance['k']}. "

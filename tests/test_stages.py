@@ -194,6 +194,31 @@ def test_opd_refuses_a_cache_from_another_teacher(run_copy):
     assert models.read_provenance(run_copy / "models/opd2")["teacher_mismatch_allowed"] is True
 
 
+def test_opd_refuses_a_teacher_with_another_tokenizer(run_copy):
+    from stages import opd
+
+    path = run_copy / "models/sft" / models.PROVENANCE
+    provenance = json.loads(path.read_text())
+    provenance["base"]["tokenizer_sha256"] = "f" * 64
+    path.write_text(json.dumps(provenance))
+    with pytest.raises(ConfigError, match="tokenizer mismatch.*same vocabulary and token-to-id mapping"):
+        opd.run(section("opd"), run_copy / "models/sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache", run_copy / "models/opd2")
+
+
+def test_tokenizer_hash_sees_the_token_to_id_mapping(tmp_path):
+    tokenizer = toy_task.build_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "a")
+    swapped = toy_task.build_tokenizer()
+    vocab = swapped.get_vocab()
+    assert models.tokenizer_hash(tmp_path / "a") == models.tokenizer_hash(tmp_path / "a")
+    from tokenizers import models as tok_models
+
+    vocab["0"], vocab["1"] = vocab["1"], vocab["0"]  # same tokens, two ids swapped
+    swapped.backend_tokenizer.model = tok_models.WordLevel(vocab, unk_token="<unk>")
+    swapped.save_pretrained(tmp_path / "b")
+    assert models.tokenizer_hash(tmp_path / "a") != models.tokenizer_hash(tmp_path / "b")
+
+
 def test_opd_refuses_top_k_above_the_cache(run_copy):
     from stages import opd
 
