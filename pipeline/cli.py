@@ -14,16 +14,23 @@ TOOLS = {"inspect": "pipeline.inspect_cache"}
 """Subcommands that are not stages: module implementing each."""
 
 
-def stage_args(doc: str, argv, *paths: str) -> argparse.Namespace:
-    """Parse a stage's command line: `--params` plus the named paths (declared in dvc.yaml)."""
+def stage_args(doc: str, argv, *paths: str, sharded: bool = False) -> argparse.Namespace:
+    """Parse a stage's command line: `--params` plus the named paths (declared in dvc.yaml), and
+    for data-parallel stages `--shard i --num-shards n` (as `args.worker = (i, n)`)."""
     parser = argparse.ArgumentParser(
         description=doc.strip().splitlines()[0], epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     for name in paths:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True)
+    if sharded:
+        parser.add_argument("--shard", type=int, default=0, help="this worker's index (default: 0)")
+        parser.add_argument("--num-shards", type=int, default=1, help="number of workers sharing the output (default: 1)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if sharded:
+        args.worker = (args.shard, args.num_shards)
+    return args
 
 
 def main(argv=None) -> None:

@@ -226,18 +226,25 @@ def read_shards(directory, artefact) -> tuple[pa.Table, dict]:
     return pa.concat_tables(tables), provenance
 
 
-def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artefact, provenance, **schema_kw) -> int:
+def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artefact, provenance,
+                worker: tuple[int, int] = (0, 1), **schema_kw) -> int:
     """Write every missing shard of `directory`: shard i holds rows [i*rows_per_shard, ...) made by
     `make_table(i, row_slice)`. `provenance` is a dict, or a function of the shard index.
 
+    `worker = (w, n)`: this process is worker w of n and writes only shards i with i % n == w, so n
+    processes (nodes, a Slurm array) fill one directory together; their union is a one-worker run.
     Finished shards are kept (resume after a crash), but only if they were written with the same
     provenance, so a changed config or input never mixes with stale shards.
     Returns the number of shards written now.
     """
     directory = Path(directory)
+    shard, num_workers = worker
+    if not 0 <= shard < num_workers:
+        raise ValueError(f"--shard must be in [0, --num-shards={num_workers}), got {shard}")
     num_shards = max(1, -(-num_rows // rows_per_shard))
     provenance_of = provenance if callable(provenance) else lambda index: provenance
-    for index, path in enumerate(list_shards(directory)):
+    for path in list_shards(directory):
+        index = int(_SHARD_NAME.match(path.name).group(1))
         try:
             found = _provenance(pq.read_schema(path), artefact, path)
         except (OSError, pa.ArrowException):
@@ -248,7 +255,7 @@ def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artef
                 f"Fix: delete {directory} (`dvc repro` does) and rerun {artefact.PRODUCED_BY}.",
                 path,
             )
-    pending = pending_shards(directory, num_shards)
+    pending = pending_shards(directory, num_shards, range(shard, num_shards, num_workers))
     for index in pending:
         rows = slice(index * rows_per_shard, min(num_rows, (index + 1) * rows_per_shard))
         write_shard(directory, index, make_table(index, rows), artefact, provenance_of(index), **schema_kw)

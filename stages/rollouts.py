@@ -4,7 +4,8 @@
 
 The log-probs (raw, temperature 1) are the behaviour policy mu's, for importance weights in OPD.
 Shard i uses seed `rollouts.seed + i`, so a crashed run resumes with exactly the rows an
-uninterrupted run writes.
+uninterrupted run writes, and `--shard w --num-shards n` workers (shards i % n == w each) together
+write exactly the rows of one worker.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from stages.prompts import read_split
 log = logging.getLogger("rollouts")
 
 
-def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts_dir: Path, out: Path, round_: int = 0) -> int:
+def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts_dir: Path, out: Path,
+        round_: int = 0, worker: tuple[int, int] = (0, 1)) -> int:
     prompts = read_split(prompts_dir, "opd")
     engine = engines.load_engine(policy_dir, engine_cfg)
     provenance = {
@@ -50,15 +52,16 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
             }
         )
 
-    written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, rollouts_schema, provenance)
+    written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, rollouts_schema, provenance, worker)
     log.info("%s: %d shards written (%d prompts x %d samples)", out, written, len(prompts), cfg.n)
     return written
 
 
 def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "policy", "prompts", "out")
+    args = cli.stage_args(__doc__, argv, "policy", "prompts", "out", sharded=True)
     params = args.params
-    run(load_section("rollouts", params), load_section("engine", params), args.policy, args.prompts, args.out)
+    run(load_section("rollouts", params), load_section("engine", params), args.policy, args.prompts, args.out,
+        worker=args.worker)
 
 
 if __name__ == "__main__":

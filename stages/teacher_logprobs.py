@@ -4,7 +4,8 @@
 
 Cache shard i scores rollout shard i row by row (same keys, same order). Per response token it
 stores the teacher's exact log-prob of the sampled token (float32) and its top-k ids and log-probs.
-Finished shards are kept on rerun, so a killed run recomputes only what is missing.
+Finished shards are kept on rerun, so a killed run recomputes only what is missing, and
+`--shard w --num-shards n` workers split the shards between them (shards i % n == w each).
 """
 
 from __future__ import annotations
@@ -44,11 +45,18 @@ def scores_table(rollouts: pa.Table, scores: list[engines.Scores], k: int) -> pa
     )
 
 
-def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, rollouts_dir: Path, out: Path) -> int:
+def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, rollouts_dir: Path, out: Path,
+        worker: tuple[int, int] = (0, 1)) -> int:
     teacher = models.read_manifest(models_dir)["teacher"]
     rollout_paths = shards.list_shards(rollouts_dir)
     if not rollout_paths:
         raise FileNotFoundError(f"{rollouts_dir} holds no rollout shards: run the rollouts stage first")
+    for index, path in enumerate(rollout_paths):
+        if path != shards.shard_path(rollouts_dir, index):
+            raise FileNotFoundError(
+                f"{shards.shard_path(rollouts_dir, index)} is missing: the rollouts are incomplete. "
+                f"Fix: finish the rollouts stage (every --shard worker) before scoring."
+            )
     engine = None
 
     def provenance(index: int) -> dict:
@@ -69,15 +77,16 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
         scores = engine.score(rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist(), cfg.top_k)
         return scores_table(rollouts, scores, cfg.top_k)
 
-    written = shards.fill_shards(out, len(rollout_paths), 1, make_table, teacher_cache, provenance, k=cfg.top_k)
+    written = shards.fill_shards(out, len(rollout_paths), 1, make_table, teacher_cache, provenance, worker, k=cfg.top_k)
     log.info("%s: %d of %d shards scored now", out, written, len(rollout_paths))
     return written
 
 
 def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "models", "rollouts", "out")
+    args = cli.stage_args(__doc__, argv, "models", "rollouts", "out", sharded=True)
     params = args.params
-    run(load_section("teacher_logprobs", params), load_section("engine", params), args.models, args.rollouts, args.out)
+    run(load_section("teacher_logprobs", params), load_section("engine", params), args.models, args.rollouts, args.out,
+        worker=args.worker)
 
 
 if __name__ == "__main__":

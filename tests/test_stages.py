@@ -268,3 +268,42 @@ def test_models_stage_records_real_models_by_path(tiny_run, tmp_path):
 def test_missing_local_model_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         models.resolve_model_dir(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("num_workers", [2, 3])
+def test_sharded_workers_write_exactly_the_rows_of_one_worker(tiny_run, tmp_path, num_workers):
+    from stages import rollouts, teacher_logprobs
+
+    engine, cfg = section("engine"), section("rollouts")
+    for worker in range(num_workers):
+        rollouts.run(cfg, engine, tiny_run / "models/sft", tiny_run / "data/prompts", tmp_path / "rollouts",
+                     worker=(worker, num_workers))
+    for worker in reversed(range(num_workers)):  # order does not matter
+        teacher_logprobs.run(section("teacher_logprobs"), engine, tiny_run / "models/base", tmp_path / "rollouts",
+                             tmp_path / "cache", worker=(worker, num_workers))
+    for name in ("rollouts", "teacher_cache"):
+        one = sorted((tiny_run / "data" / name).glob("*.parquet"))
+        many = sorted((tmp_path / ("cache" if name == "teacher_cache" else name)).glob("*.parquet"))
+        assert [p.name for p in many] == [p.name for p in one]
+        for a, b in zip(one, many):
+            assert pq.read_table(a).equals(pq.read_table(b))
+
+
+def test_a_worker_writes_only_its_own_shards(tiny_run, tmp_path):
+    from stages import rollouts
+
+    written = rollouts.run(section("rollouts"), section("engine"), tiny_run / "models/sft", tiny_run / "data/prompts",
+                           tmp_path / "rollouts", worker=(1, 2))
+    assert [p.name for p in shards.list_shards(tmp_path / "rollouts")] == ["part-00001.parquet"] and written == 1
+    with pytest.raises(ValueError, match="--shard must be in"):
+        rollouts.run(section("rollouts"), section("engine"), tiny_run / "models/sft", tiny_run / "data/prompts",
+                     tmp_path / "rollouts", worker=(2, 2))
+
+
+def test_scoring_refuses_incomplete_rollouts(run_copy):
+    from stages import teacher_logprobs
+
+    shards.shard_path(run_copy / "data/rollouts", 1).unlink()
+    with pytest.raises(FileNotFoundError, match="part-00001.parquet is missing: the rollouts are incomplete"):
+        teacher_logprobs.run(section("teacher_logprobs"), section("engine"), run_copy / "models/base",
+                             run_copy / "data/rollouts", run_copy / "cache2")
