@@ -19,6 +19,10 @@ from pipeline import losses
 from pipeline.config import OpdConfig, TrainConfig
 
 
+RESPONSE_FIELDS = ("behavior_logprobs", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
+"""Optional per-response-token row fields, placed at the response's positions by `collate`."""
+
+
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded model inputs and per-position targets/teacher signal (positions = inputs).
 
@@ -34,17 +38,11 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         "targets": torch.full((len(rows), width), pad_id, dtype=torch.long),
         "mask": torch.zeros((len(rows), width), dtype=torch.bool),
     }
-    optional = {
-        "behavior_logprobs": ("behavior_logprobs", ()),
-        "teacher_logprobs": ("teacher_logprobs", ()),
-        "teacher_topk_ids": ("teacher_topk_ids", None),
-        "teacher_topk_logprobs": ("teacher_topk_logprobs", None),
-    }
-    for key, (field, _) in optional.items():
-        if field in rows[0]:
-            k_shape = np.asarray(rows[0][field]).shape[1:]
-            dtype = torch.long if key == "teacher_topk_ids" else torch.float32
-            batch[key] = torch.zeros((len(rows), width, *k_shape), dtype=dtype)
+    present = [key for key in RESPONSE_FIELDS if key in rows[0]]
+    for key in present:
+        k_shape = np.asarray(rows[0][key]).shape[1:]
+        dtype = torch.long if key == "teacher_topk_ids" else torch.float32
+        batch[key] = torch.zeros((len(rows), width, *k_shape), dtype=dtype)
     for i, (row, seq) in enumerate(zip(rows, seqs)):
         n = len(seq) - 1
         batch["input_ids"][i, :n] = torch.tensor(seq[:-1])
@@ -52,9 +50,8 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         batch["targets"][i, :n] = torch.tensor(seq[1:])
         start, r_len = len(row["prompt_ids"]) - 1, len(row["response_ids"])
         batch["mask"][i, start : start + r_len] = True
-        for key in optional:
-            if key in batch:
-                batch[key][i, start : start + r_len] = torch.as_tensor(np.asarray(row[optional[key][0]]))
+        for key in present:
+            batch[key][i, start : start + r_len] = torch.as_tensor(np.asarray(row[key]))
     return batch
 
 
