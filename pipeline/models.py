@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ToyModelConfig
+from pipeline.shards import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -29,13 +30,9 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 def _hash_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """One sha256 over the files' names and contents (each streamed by shards.file_sha256)."""
+    listing = "".join(f"{path.name}:{file_sha256(path)}\n" for path in sorted(paths))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def weights_hash(model_dir: Path) -> str:
