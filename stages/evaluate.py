@@ -22,7 +22,10 @@ log = logging.getLogger("evaluate")
 def accuracy(model_dir, prompts: list[dict], cfg: EvaluateConfig, engine_cfg: EngineConfig) -> dict:
     engine = engines.load_engine(model_dir, engine_cfg)
     greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
-    gens = engine.generate([models.encode_prompt(engine.tokenizer, r["prompt"]) for r in prompts], greedy, seed=0)
+    try:
+        gens = engine.generate([models.encode_prompt(engine.tokenizer, r["prompt"]) for r in prompts], greedy, seed=0)
+    finally:
+        engine.close()
     texts = engine.tokenizer.batch_decode([g.response_ids for g in gens], skip_special_tokens=True)
     correct = sum(toy_task.is_correct(text, r["answer"]) for text, r in zip(texts, prompts))
     return {

@@ -26,19 +26,22 @@ log = logging.getLogger("rollouts")
 def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts_dir: Path, out: Path,
         round_: int = 0, worker: tuple[int, int] = (0, 1)) -> int:
     prompts = read_split(prompts_dir, "opd")
-    engine = engines.load_engine(policy_dir, engine_cfg)
+    tokenizer = models.load_tokenizer(policy_dir)
+    engine = None
     provenance = {
         "stage": "rollouts",
         "policy": models.identity(models.describe(policy_dir.name, policy_dir)),
-        "engine": engine.version,
+        "engine": engines.engine_version(engine_cfg.name),
         "logprob_mode": engines.LOGPROB_MODE,
         "round": round_,
         "config": vars(cfg),
     }
 
     def make_table(index: int, rows: slice) -> pa.Table:
+        nonlocal engine
+        engine = engine or engines.load_engine(policy_dir, engine_cfg)  # only if a shard is missing
         chunk = prompts[rows]
-        prompt_ids = [models.encode_prompt(engine.tokenizer, r["prompt"]) for r in chunk]
+        prompt_ids = [models.encode_prompt(tokenizer, r["prompt"]) for r in chunk]
         gens = engine.generate(prompt_ids, cfg, seed=cfg.seed + index)
         return pa.table(
             {

