@@ -113,6 +113,8 @@ class EngineConfig:
     """vllm: fraction of GPU memory for weights and KV cache (CPU build: fraction of RAM)."""
     max_model_len: int = 0
     """vllm: longest prompt + response in tokens; 0 takes the model's own limit."""
+    max_num_batched_tokens: int = 0
+    """vllm: token budget of one engine step; 0 takes vLLM's default (CPU build: at least max_model_len)."""
     enable_prefix_caching: bool = True
     """vllm: reuse the KV cache of shared prompt prefixes (the n samples of one prompt)."""
     enforce_eager: bool = False
@@ -126,8 +128,9 @@ class EngineConfig:
         _positive(self, "batch_size", "tensor_parallel_size")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_model_len < 0:
-            raise ConfigError(f"engine.max_model_len must be >= 0, got {self.max_model_len}")
+        for name in ("max_model_len", "max_num_batched_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"engine.{name} must be >= 0, got {getattr(self, name)}")
 
 
 ENGINES = ("hf", "vllm")

@@ -101,8 +101,11 @@ class HFEngine:
                 return_dict_in_generate=True,
             )
             new = result.sequences[:, ids.shape[1] :]
-            logits = torch.stack(result.logits, dim=1).float()  # [b, steps, V] raw
-            logprobs = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            # raw logits of each step [b, V] -> log-prob of the token sampled there, one step at a time
+            logprobs = torch.stack([
+                torch.log_softmax(step.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1)
+                for t, step in enumerate(result.logits)
+            ], dim=1)
             for row, (p, s) in enumerate(batch):
                 out.append(self._finish(p, s, new[row].tolist(), logprobs[row].tolist()))
         return out
@@ -120,20 +123,21 @@ class HFEngine:
         for start in range(0, len(prompts), self.cfg.batch_size):
             rows = [p + r for p, r in zip(prompts[start : start + self.cfg.batch_size], responses[start:])]
             ids, mask = self._pad(rows, left=False)
-            logprobs = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-            top_lp, top_ids = logprobs.topk(k, dim=-1)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
             for row in range(len(rows)):
                 p_len = len(prompts[start + row])
                 r_len = len(rows[row]) - p_len
-                # position t predicts token t + 1, so response token j is scored at p_len - 1 + j
-                pos = slice(p_len - 1, p_len - 1 + r_len)
+                # position t predicts token t + 1, so response token j is scored at p_len - 1 + j;
+                # float32 log-softmax of one row's response positions at a time: [R, V], not [B, L, V]
+                logprobs = torch.log_softmax(logits[row, p_len - 1 : p_len - 1 + r_len].float(), -1)
+                top_lp, top_ids = logprobs.topk(k, dim=-1)
                 targets = ids[row, p_len : p_len + r_len]
-                token_lp = logprobs[row, pos].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 out.append(
                     Scores(
                         token_lp.cpu().numpy().astype(np.float32),
-                        top_ids[row, pos].cpu().numpy().astype(np.int32),
-                        top_lp[row, pos].cpu().numpy().astype(np.float32),
+                        top_ids.cpu().numpy().astype(np.int32),
+                        top_lp.cpu().numpy().astype(np.float32),
                     )
                 )
         return out
@@ -145,7 +149,8 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir, cfg: EngineConfig, max_logprobs: int = 0):
-        if not torch.cuda.is_available():
+        cpu = not torch.cuda.is_available()
+        if cpu:
             # The CPU build: keep vLLM's engine core in this process (no spawned copy to start, ~2x
             # faster start-up); GPU runs keep vLLM's default of a separate engine-core process.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -164,6 +169,11 @@ class VLLMEngine:
             max_num_seqs=cfg.batch_size,
             enable_prefix_caching=cfg.enable_prefix_caching,
             enforce_eager=cfg.enforce_eager,
+            max_num_batched_tokens=cfg.max_num_batched_tokens or None,
+            # On the CPU build a seeded request whose prompt is split across engine steps crashes
+            # vLLM ("CPU Generator does not use offset": rewinding its RNG is CUDA-only), so
+            # prompts are never split there. GPUs keep chunked prefill.
+            enable_chunked_prefill=not cpu,
             max_logprobs=max(max_logprobs, 1),
             logprobs_mode=f"{LOGPROB_MODE}_logprobs",
         )

@@ -28,31 +28,31 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
     Position t of `input_ids` predicts `targets[t]`; only response tokens are in `mask`.
     Optional row fields: `behavior_logprobs` [R], `teacher_logprobs` [R], `teacher_topk_ids`/
-    `teacher_topk_logprobs` [R, k], all aligned with `response_ids`.
+    `teacher_topk_logprobs` [R, k], all aligned with `response_ids`. Rows may hold lists or numpy
+    arrays; the batch is assembled in numpy (slice copies, no per-token Python) and shared with torch.
     """
-    seqs = [list(r["prompt_ids"]) + list(r["response_ids"]) for r in rows]
-    width = max(len(s) for s in seqs) - 1
-    batch = {
-        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-        "targets": torch.full((len(rows), width), pad_id, dtype=torch.long),
-        "mask": torch.zeros((len(rows), width), dtype=torch.bool),
-    }
+    prompt_lens = [len(r["prompt_ids"]) for r in rows]
+    seq_lens = [p + len(r["response_ids"]) for p, r in zip(prompt_lens, rows)]
+    width = max(seq_lens) - 1
+    tokens = np.full((len(rows), width + 1), pad_id, dtype=np.int64)
+    attention = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=bool)
     present = [key for key in RESPONSE_FIELDS if key in rows[0]]
-    for key in present:
-        k_shape = np.asarray(rows[0][key]).shape[1:]
-        dtype = torch.long if key == "teacher_topk_ids" else torch.float32
-        batch[key] = torch.zeros((len(rows), width, *k_shape), dtype=dtype)
-    for i, (row, seq) in enumerate(zip(rows, seqs)):
-        n = len(seq) - 1
-        batch["input_ids"][i, :n] = torch.tensor(seq[:-1])
-        batch["attention_mask"][i, :n] = 1
-        batch["targets"][i, :n] = torch.tensor(seq[1:])
-        start, r_len = len(row["prompt_ids"]) - 1, len(row["response_ids"])
-        batch["mask"][i, start : start + r_len] = True
+    fields = {
+        key: np.zeros((len(rows), width, *np.shape(rows[0][key])[1:]),
+                      dtype=np.int64 if key == "teacher_topk_ids" else np.float32)
+        for key in present
+    }
+    for i, (row, p, n) in enumerate(zip(rows, prompt_lens, seq_lens)):
+        tokens[i, :p] = row["prompt_ids"]
+        tokens[i, p:n] = row["response_ids"]
+        attention[i, : n - 1] = 1
+        mask[i, p - 1 : n - 1] = True  # position p - 1 predicts the first response token
         for key in present:
-            batch[key][i, start : start + r_len] = torch.as_tensor(np.asarray(row[key]))
-    return batch
+            fields[key][i, p - 1 : n - 1] = row[key]
+    inputs = np.where(attention == 1, tokens[:, :-1], pad_id)
+    batch = {"input_ids": inputs, "attention_mask": attention, "targets": np.ascontiguousarray(tokens[:, 1:]), "mask": mask}
+    return {key: torch.from_numpy(value) for key, value in {**batch, **fields}.items()}
 
 
 class SequenceData(L.LightningDataModule):

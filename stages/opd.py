@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_schemas import SchemaError, teacher_cache
 from data_schemas import rollouts as rollouts_schema
@@ -24,12 +25,16 @@ from pipeline.config import ConfigError, OpdConfig, load_section
 log = logging.getLogger("opd")
 
 
-def _topk_rows(column: pa.ChunkedArray, k: int, dtype) -> list[np.ndarray]:
-    """Per-row [R, k] arrays from a list<fixed_size_list<_, k>> column, without per-token Python."""
+def _row_arrays(column: pa.ChunkedArray, k: int | None = None) -> list[np.ndarray]:
+    """Per-row numpy views of a list<_> column ([R]) or list<fixed_size_list<_, k>> column ([R, k]),
+    sharing one flat buffer: no per-token Python objects, and compact in memory (stored dtypes kept)."""
     lists = column.combine_chunks()
-    flat = lists.flatten().flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, k)
-    offsets = lists.offsets.to_numpy()
-    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    flat = lists.flatten() if k is None else lists.flatten().flatten()
+    flat = flat.to_numpy(zero_copy_only=False)
+    if k is not None:
+        flat = flat.reshape(-1, k)
+    bounds = np.concatenate([[0], np.cumsum(pc.list_value_length(lists).to_numpy())])
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def load_rows(rollouts_dir: Path, cache_dir: Path) -> tuple[list[dict], dict]:
@@ -54,12 +59,15 @@ def load_rows(rollouts_dir: Path, cache_dir: Path) -> tuple[list[dict], dict]:
             )
         teacher_cache.check_aligned(cache, rollouts, cache_path, rollout_path)
         k = teacher_cache.k_of(cache)
-        ids = _topk_rows(cache["teacher_topk_ids"], k, np.int64)
-        logprobs = _topk_rows(cache["teacher_topk_logprobs"], k, np.float32)
-        for i, row in enumerate(rollouts.select(["prompt_ids", "response_ids", "behavior_logprobs"]).to_pylist()):
-            row["teacher_logprobs"] = cache["teacher_token_logprobs"][i].values.to_numpy()
-            row["teacher_topk_ids"], row["teacher_topk_logprobs"] = ids[i], logprobs[i]
-            rows.append(row)
+        columns = {
+            "prompt_ids": _row_arrays(rollouts["prompt_ids"]),
+            "response_ids": _row_arrays(rollouts["response_ids"]),
+            "behavior_logprobs": _row_arrays(rollouts["behavior_logprobs"]),
+            "teacher_logprobs": _row_arrays(cache["teacher_token_logprobs"]),
+            "teacher_topk_ids": _row_arrays(cache["teacher_topk_ids"], k),
+            "teacher_topk_logprobs": _row_arrays(cache["teacher_topk_logprobs"], k),
+        }
+        rows.extend(dict(zip(columns, values)) for values in zip(*columns.values()))
         cache_provenance = cache_provenance or provenance
     return rows, cache_provenance
 

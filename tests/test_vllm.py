@@ -115,7 +115,10 @@ def test_broken_torchvision_gets_a_clear_error(tmp_path):
 
 def _vllm_params(tmp_path: Path) -> Path:
     params = yaml.safe_load(TINY_PARAMS.read_text())
-    params["engine"] = {**params["engine"], "name": "vllm", "enforce_eager": True, "gpu_memory_utilization": 0.2}
+    # A token budget of one max-length sequence per step: the 20 rollout prompts need several steps,
+    # so prompts would be split across steps if the engine allowed it (vLLM's CPU build crashes then).
+    params["engine"] = {**params["engine"], "name": "vllm", "enforce_eager": True, "gpu_memory_utilization": 0.2,
+                        "max_model_len": 32, "max_num_batched_tokens": 32}
     path = tmp_path / "params_vllm.yaml"
     path.write_text(yaml.safe_dump(params))
     return path

@@ -1,0 +1,118 @@
+"""How fast the teacher cache reaches training: the OPD data path against the toy student's step.
+
+    python bench/loader.py [--k 64] [--rollouts 4096] [--response-len 25] [--prompt-len 24] [--batch-size 64]
+
+Writes a synthetic rollouts + teacher-cache pair with the real schemas and shard writer (random ids
+and log-probs; the sizes, not the values, set the cost), then times on one core
+(torch threads = 1, DataLoader without workers), side by side in one run:
+
+- load: stages.opd.load_rows (read, validate, align and split every shard into training rows);
+- batches: iterating the real OPD DataModule (collate included), in response tokens per second;
+- step: one training step of the default toy student (forward, top-k forward KL, backward, AdamW)
+  on the same batches, for the ratio "loader time per batch / step time".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+
+
+def write_synthetic(out: Path, args, vocab: int) -> None:
+    """Rollout and cache shards of `args.rollouts` rows, 1,000 rows a shard, as the stages write them."""
+    from data_schemas import rollouts as rollouts_schema
+    from data_schemas import teacher_cache
+    from pipeline import shards
+    from stages.teacher_logprobs import _fixed_size
+
+    rng = np.random.default_rng(0)
+    per_shard = 1000
+    for index, start in enumerate(range(0, args.rollouts, per_shard)):
+        n = min(per_shard, args.rollouts - start)
+        prompt_ids = [rng.integers(0, vocab, args.prompt_len).tolist() for _ in range(n)]
+        response_ids = [rng.integers(0, vocab, args.response_len).tolist() for _ in range(n)]
+        keys = {"prompt_id": [f"p{start + i}" for i in range(n)], "sample_idx": [0] * n, "round": [0] * n}
+        rollouts = pa.table({**keys, "prompt_ids": prompt_ids, "response_ids": response_ids,
+                             "behavior_logprobs": [(-rng.random(args.response_len)).tolist() for _ in range(n)],
+                             "finish_reason": ["stop"] * n})
+        path = shards.write_shard(out / "rollouts", index, rollouts, rollouts_schema, {"bench": True})
+        ids = [rng.integers(0, vocab, (args.response_len, args.k)).astype(np.int32) for _ in range(n)]
+        lps = [np.sort(-rng.exponential(2.0, (args.response_len, args.k)), axis=1)[:, ::-1].astype(np.float16)
+               for _ in range(n)]
+        cache = pa.table({**keys,
+                          "teacher_token_logprobs": [(-rng.random(args.response_len)).astype(np.float32) for _ in range(n)],
+                          "teacher_topk_ids": _fixed_size(ids, pa.int32(), args.k),
+                          "teacher_topk_logprobs": _fixed_size(lps, pa.float16(), args.k)})
+        shards.write_shard(out / "cache", index, cache, teacher_cache,
+                           {"rollouts_sha256": shards.file_sha256(path), "k": args.k}, k=args.k)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--rollouts", type=int, default=4096)
+    parser.add_argument("--prompt-len", type=int, default=24)
+    parser.add_argument("--response-len", type=int, default=25)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="training steps timed")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from pipeline import losses, models, toy_task, training
+    from pipeline.config import ModelsConfig
+    from stages.opd import load_rows
+
+    tokenizer = toy_task.build_tokenizer()
+    student = models.build_toy_model(ModelsConfig().toy_student, tokenizer, seed=0)
+    # ids must index the student's vocabulary: a k wider than it only widens the cache
+    vocab = max(len(tokenizer), args.k)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic(Path(tmp), args, vocab)
+        start = time.perf_counter()
+        rows, _ = load_rows(Path(tmp) / "rollouts", Path(tmp) / "cache")
+        load_s = time.perf_counter() - start
+    tokens = sum(len(r["response_ids"]) for r in rows)
+
+    data = training.SequenceData(rows, args.batch_size, tokenizer.pad_token_id, seed=0)
+    start = time.perf_counter()
+    batches = list(data.train_dataloader())
+    batches_s = time.perf_counter() - start
+
+    if vocab > len(tokenizer):
+        student.resize_token_embeddings(vocab)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    step_batches = [batches[i % len(batches)] for i in range(args.steps + 2)]
+    for i, batch in enumerate(step_batches):
+        if i == 2:  # two warm-up steps
+            start = time.perf_counter()
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = losses.compute_loss("topk_fkl", student_logits=logits, targets=batch["targets"], mask=batch["mask"],
+                                  teacher_logprobs=batch["teacher_logprobs"], teacher_topk_ids=batch["teacher_topk_ids"],
+                                  teacher_topk_logprobs=batch["teacher_topk_logprobs"])
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    step_s = (time.perf_counter() - start) / args.steps
+
+    per_batch_s = batches_s / len(batches)
+    print(f"\n{len(rows)} rollouts, {tokens} response tokens, k = {args.k}, batch {args.batch_size}, 1 core")
+    print(f"{'load_rows (read + validate + split)':<40}{load_s:>10.2f} s {tokens / load_s:>14,.0f} tokens/s")
+    print(f"{'DataModule batches (collate)':<40}{batches_s:>10.2f} s {tokens / batches_s:>14,.0f} tokens/s")
+    print(f"{'loader total':<40}{load_s + batches_s:>10.2f} s {tokens / (load_s + batches_s):>14,.0f} tokens/s")
+    print(f"{'toy student training step':<40}{step_s * 1e3:>10.1f} ms per batch")
+    print(f"{'collate / step':<40}{per_batch_s / step_s:>10.1%}")
+    print(f"{'(load + collate) / step':<40}{(load_s / len(batches) + per_batch_s) / step_s:>10.1%}  (load spread over one epoch)")
+
+
+if __name__ == "__main__":
+    main()
