@@ -73,7 +73,7 @@ def test_rollout_logprobs_match_the_policy(tiny_run):
     table, _ = shards.read_shards(tiny_run / "data/rollouts", rollouts_schema)
     model = models.load_model(tiny_run / "models/sft")
     row = table.slice(0, 1).to_pylist()[0]
-    ids = torch.tensor([row["prompt_ids"] + row["response_ids"]])
+    ids = torch.tensor([row["prompt_ids"] + row["response_ids"]], device=model.device)  # cuda where present
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).logits.float(), -1)[0]
     p = len(row["prompt_ids"])
@@ -91,7 +91,7 @@ def test_teacher_cache_matches_a_direct_teacher_forward(tiny_run):
     teacher = models.load_model(models.read_manifest(tiny_run / "models/base")["teacher"]["path"])
     for i in (0, rollouts.num_rows - 1):
         row, cached = rollouts.slice(i, 1).to_pylist()[0], cache.slice(i, 1).to_pylist()[0]
-        ids = torch.tensor([row["prompt_ids"] + row["response_ids"]])
+        ids = torch.tensor([row["prompt_ids"] + row["response_ids"]], device=teacher.device)
         with torch.no_grad():
             logprobs = torch.log_softmax(teacher(ids).logits.float(), -1)[0]
         p = len(row["prompt_ids"])
