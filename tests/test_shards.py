@@ -108,6 +108,20 @@ def test_round_trip(tmp_path, artefact, make):
     assert metadata.row_group(0).column(0).compression == "ZSTD"
 
 
+def test_cache_layout_is_the_benchmarked_one(tmp_path):
+    """bench/cache.py picked the layout: byte-stream-split floats, no dictionary on token ids or
+    log-probs, dictionary on the keys. pyarrow ignores a wrongly named nested column silently, so
+    check what reached the file."""
+    path = write_shard(tmp_path, 0, cache_table(), teacher_cache, PROVENANCE)
+    group = pq.read_metadata(path).row_group(0)
+    encodings = {group.column(i).path_in_schema: set(group.column(i).encodings) for i in range(group.num_columns)}
+    for leaf in ("teacher_token_logprobs.list.element", "teacher_topk_logprobs.list.element.list.element"):
+        assert "BYTE_STREAM_SPLIT" in encodings[leaf] and "RLE_DICTIONARY" not in encodings[leaf]
+    assert "RLE_DICTIONARY" not in encodings["teacher_topk_ids.list.element.list.element"]
+    assert "RLE_DICTIONARY" in encodings["prompt_id"]
+    assert {group.column(i).compression for i in range(group.num_columns)} == {"ZSTD"}
+
+
 def test_row_groups_are_sized_for_streaming(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "ROW_GROUP_SIZE", 2)
     path = write_shard(tmp_path, 0, rollouts_table(), rollouts, {})
