@@ -6,8 +6,9 @@ Writes a synthetic rollouts + teacher-cache pair with the real schemas and shard
 and log-probs; the sizes, not the values, set the cost), then times on one core
 (torch threads = 1, DataLoader without workers), side by side in one run:
 
-- load: stages.opd.load_rows (read, validate, align and split every shard into training rows);
-- batches: iterating the real OPD DataModule (collate included), in response tokens per second;
+- open_cache: stages.opd.open_cache, the check of every shard pair before training starts;
+- epochs: iterating the real OPD DataModule (pipeline/data.py: shards streamed, batches collated), the
+  first epoch reading each shard, later ones finding them in memory; in response tokens per second;
 - step: one training step of the default toy student (forward, top-k forward KL, backward, AdamW)
   on the same batches, for the ratio "loader time per batch / step time".
 """
@@ -68,9 +69,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from pipeline import losses, models, toy_task, training
+    from pipeline import data, losses, models, toy_task
     from pipeline.config import ModelsConfig
-    from stages.opd import load_rows
+    from stages.opd import open_cache
 
     tokenizer = toy_task.build_tokenizer()
     student = models.build_toy_model(ModelsConfig().toy_student, tokenizer, seed=0)
@@ -79,14 +80,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic(Path(tmp), args, vocab)
         start = time.perf_counter()
-        rows, _ = load_rows(Path(tmp) / "rollouts", Path(tmp) / "cache")
-        load_s = time.perf_counter() - start
-    tokens = sum(len(r["response_ids"]) for r in rows)
-
-    data = training.SequenceData(rows, args.batch_size, tokenizer.pad_token_id, seed=0)
-    start = time.perf_counter()
-    batches = list(data.train_dataloader())
-    batches_s = time.perf_counter() - start
+        rows, lengths, _ = open_cache(Path(tmp) / "rollouts", Path(tmp) / "cache")
+        check_s = time.perf_counter() - start
+        loader = data.ShardedData(rows, lengths, args.batch_size, tokenizer.pad_token_id, seed=0).train_dataloader()
+        start = time.perf_counter()
+        batches = list(loader)  # the first epoch reads every shard again, batch by batch
+        epoch_s = time.perf_counter() - start
+        start = time.perf_counter()
+        list(loader)  # later epochs: shards already in memory (max_shards_in_memory covers all 5 here)
+        cached_s = time.perf_counter() - start
+    tokens = sum(int(b["mask"].sum()) for b in batches)
 
     if vocab > len(tokenizer):
         student.resize_token_embeddings(vocab)
@@ -104,15 +107,17 @@ def main() -> None:
         opt.zero_grad()
     step_s = (time.perf_counter() - start) / args.steps
 
-    per_batch_s = batches_s / len(batches)
-    print(f"\n{len(rows)} rollouts, {tokens} response tokens, k = {args.k}, batch {args.batch_size}, 1 core")
-    print(f"{'load_rows (read + validate + split)':<40}{load_s:>10.2f} s {tokens / load_s:>14,.0f} tokens/s")
-    print(f"{'DataModule batches (collate)':<40}{batches_s:>10.2f} s {tokens / batches_s:>14,.0f} tokens/s")
-    print(f"{'loader total':<40}{load_s + batches_s:>10.2f} s {tokens / (load_s + batches_s):>14,.0f} tokens/s")
-    print(f"{'toy student training step':<40}{step_s * 1e3:>10.1f} ms per batch")
-    print(f"{'collate / step':<40}{per_batch_s / step_s:>10.1%}")
-    print(f"{'(load + collate) / step':<40}{(load_s / len(batches) + per_batch_s) / step_s:>10.1%}  (load spread over one epoch)")
-
+    print(f"\n{args.rollouts} rollouts, {tokens} response tokens in {len(batches)} batches, k = {args.k}, "
+          f"batch {args.batch_size}, 1 core")
+    rows_out = [
+        ("open_cache (read + validate every shard)", check_s),
+        ("first epoch (read shards + collate)", epoch_s),
+        ("later epochs (collate only)", cached_s),
+    ]
+    for label, seconds in rows_out:
+        print(f"{label:<42}{seconds:>8.2f} s {tokens / seconds:>12,.0f} tokens/s  "
+              f"{seconds / len(batches) / step_s:>6.1%} of a step per batch")
+    print(f"{'toy student training step':<42}{step_s * 1e3:>8.1f} ms per batch")
 
 if __name__ == "__main__":
     main()

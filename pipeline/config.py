@@ -134,8 +134,13 @@ class EngineConfig:
 
 
 ENGINES = ("hf", "vllm")
-LOSSES = ("sft", "opd", "topk_fkl", "opd+topk_fkl")
-"""Objectives pipeline.losses.compute_loss implements (declared here so configs validate early)."""
+LOSSES = ("sft", "opd", "topk_fkl", "topk_rkl", "topk_jsd", "opd+topk_fkl", "opd+topk_rkl", "opd+topk_jsd")
+"""Objectives pipeline.losses.compute_loss implements (declared here so configs validate early);
+`a+b` is the sum of terms a and b."""
+TAILS = ("renorm_teacher", "renorm_both", "rest_bucket")
+"""How the top-k losses treat the mass outside the teacher's k (pipeline.losses.topk_divergence_loss)."""
+TOKEN_SELECTIONS = ("entropy", "divergence")
+"""Scores by which pipeline.losses.compute_loss keeps a fraction of the response tokens."""
 
 
 @dataclass
@@ -174,20 +179,57 @@ class OpdConfig(TrainConfig):
     """`opd`: training the student against the cached teacher signal."""
 
     loss: str = "opd"
-    """One of pipeline.losses.LOSSES: sft, opd (sampled-token, the paper's), topk_fkl, opd+topk_fkl."""
+    """One of LOSSES: sft, opd (sampled-token, the paper's), topk_fkl, topk_rkl, topk_jsd, or opd+ a topk_* term."""
     clip_eps: float | None = 0.2
-    """PPO clip of the importance ratio (null disables)."""
+    """PPO clip of the opd term's ratio pi_theta/pi_old (null: REINFORCE form; with one update per batch rho = 1)."""
+    importance_cap: float | None = None
+    """Truncated importance weight min(pi_theta/mu, c) on the opd term, mu = the rollouts' policy (null disables)."""
+    vopd: bool = False
+    """vOPD: add the detached per-token reverse KL on the cached top-k (+ rest bucket) to the opd advantage."""
+    jsd_beta: float = 0.5
+    """Beta of topk_jsd, TRL's convention: 0 forward KL, 1 reverse KL, mixture beta * teacher + (1 - beta) * student."""
+    topk_tail: str = "renorm_teacher"
+    """Mass outside the teacher's top-k in topk_* losses: renorm_teacher, renorm_both or rest_bucket."""
+    token_fraction: float = 1.0
+    """Fraction of response tokens (per batch) the distillation terms train on, the top by token_select (1.0: all)."""
+    token_select: str = "entropy"
+    """Score for token_fraction: entropy (the student's) or divergence (top-k reverse KL, student to teacher)."""
+    temperature: float = 1.0
+    """Divides the student's logits in every term; the cached teacher log-probs are raw (temperature 1)."""
     sft_weight: float = 0.0
     """Weight of an extra cross-entropy term on the sampled tokens."""
     top_k: int | None = None
     """Teacher entries used by top-k losses (null: all the cache has; must not exceed it)."""
     allow_teacher_mismatch: bool = False
     """Train even if the cache's teacher is not the one that wrote the SFT data (biased; recorded)."""
+    max_shards_in_memory: int = 8
+    """Rollout + cache shard pairs held in memory while training (the rest are read when their turn comes)."""
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss not in LOSSES:
-            raise ConfigError(f"opd.loss must be one of {LOSSES}, got {self.loss!r}")
+        for name, valid in (("loss", LOSSES), ("topk_tail", TAILS), ("token_select", TOKEN_SELECTIONS)):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"opd.{name} must be one of {valid}, got {getattr(self, name)!r}")
+        for name in ("clip_eps", "importance_cap"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"opd.{name} must be > 0 or null, got {getattr(self, name)}")
+        if not 0 <= self.jsd_beta <= 1:
+            raise ConfigError(f"opd.jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        if not 0 < self.token_fraction <= 1:
+            raise ConfigError(f"opd.token_fraction must be in (0, 1], got {self.token_fraction}")
+        if self.temperature <= 0:
+            raise ConfigError(f"opd.temperature must be > 0, got {self.temperature}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"opd.sft_weight must be >= 0, got {self.sft_weight}")
+        _positive(self, "max_shards_in_memory")
+        terms = self.loss.split("+")
+        if (self.vopd or self.importance_cap is not None) and "opd" not in terms:
+            raise ConfigError(f"opd.vopd and opd.importance_cap act on the opd term, which loss {self.loss!r} lacks")
+        if self.topk_tail == "renorm_teacher" and ("topk_rkl" in terms or ("topk_jsd" in terms and self.jsd_beta == 1)):
+            raise ConfigError(
+                "opd.topk_tail renorm_teacher makes the reverse KL (topk_rkl, or topk_jsd at jsd_beta 1) infinite "
+                "once the student has mass outside the teacher's k; use renorm_both or rest_bucket"
+            )
 
 
 @dataclass

@@ -4,6 +4,9 @@ Shapes: B sequences, T positions, V vocabulary, k cached teacher entries per pos
 ``logits[:, t]`` scores ``targets[:, t]``: callers shift, these functions do not.
 Masks are bool ``[B, T]``; every loss is a token-level mean over the whole batch.
 
+The cached teacher log-probs (sampled token and top-k) are the teacher's raw log-probs, at
+temperature 1; ``compute_loss(temperature=...)`` divides the student's logits only.
+
 Padding and masked positions may hold any value (-100 ids, -inf or NaN log-probs).
 They are neutralised with ``torch.where`` *before* any arithmetic, never by multiplying
 with the mask: ``inf * 0`` is NaN, and a NaN in the unselected branch of a ``where`` still
@@ -12,14 +15,21 @@ turns into a NaN gradient (0 * inf in the backward pass).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from pipeline.config import LOSSES  # the names compute_loss accepts, declared with the configs that choose one
+# The names compute_loss and the top-k losses accept, declared with the configs that choose them.
+from pipeline.config import LOSSES, TAILS, TOKEN_SELECTIONS
 
 TEACHER_LOGPROB_FLOOR = -1e4
 """Stand-in for a teacher log-prob of -inf (token outside the teacher's processed support).
 Far below anything finite logits produce, yet finite, so advantages and gradients stay finite."""
+
+LOG_ZERO = -1e30
+"""log 0 for top-k buckets outside the support. exp gives exactly 0, and unlike -inf no difference,
+logsumexp or softmax of such entries is NaN, in values or in gradients."""
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -54,12 +64,41 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return _gather_logprobs(logits, targets, _log_normalizer(logits))
 
 
+@torch.no_grad()
+def student_entropy(logits: Tensor, log_z: Tensor | None = None) -> Tensor:
+    """Entropy of softmax(logits) over the full vocabulary, ``[B, T]``; no graph (a diagnostic and a score).
+
+    H = log Z - sum_v p_v z_v: one ``[B, T, V]`` probability tensor (plus the float32 copy of
+    half-precision logits), freed on return.
+    """
+    logits = _f32(logits)
+    log_z = _log_normalizer(logits) if log_z is None else log_z.detach()
+    probs = (logits - log_z.unsqueeze(-1)).exp_()
+    return log_z - torch.einsum("...v,...v->...", probs, logits)
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` over ``mask == True`` entries; 0 (still differentiable) if none."""
     mask = mask.to(torch.bool)
     total = torch.where(mask, values, torch.zeros_like(values)).sum()
     # clamp keeps an empty mask at 0/1 = 0 rather than 0/0 = NaN, and the graph stays attached.
     return total / mask.sum().clamp_min(1).to(total.dtype)
+
+
+def select_tokens(scores: Tensor, mask: Tensor, fraction: float) -> Tensor:
+    """The masked positions with the highest ``scores``: ``round(fraction * n)`` of the n, at least one.
+
+    Per batch, not per sequence. Scores at unmasked positions are ignored; ties keep the earlier
+    position. Returns a bool mask, a subset of ``mask``.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    mask, scores = mask.to(torch.bool), _f32(scores)
+    n_keep = torch.round(mask.sum() * fraction).clamp_min(1)
+    ranked = torch.where(mask, scores, torch.full_like(scores, -math.inf)).flatten()
+    order = ranked.argsort(descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return (rank < n_keep).view_as(mask) & mask
 
 
 def sft_loss(student_logprobs: Tensor, mask: Tensor) -> Tensor:
@@ -75,66 +114,176 @@ def _finite_teacher(teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
 
 def sampled_token_opd_loss(
     student_logprobs: Tensor,
-    old_logprobs: Tensor,
     teacher_logprobs: Tensor,
     mask: Tensor,
+    *,
     clip_eps: float | None = 0.2,
-) -> Tensor:
-    """Sampled-token OPD surrogate (the paper's loss).
+    old_logprobs: Tensor | None = None,
+    behavior_logprobs: Tensor | None = None,
+    importance_cap: float | None = None,
+    baseline: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sampled-token OPD (the paper's loss); returns ``(loss, clip_fraction)``.
 
-    A = log pi_T - log pi_theta (detached), rho = pi_theta / pi_old;
-    loss = -mean(rho * A), or the PPO-clipped ``-mean(min(rho*A, clip(rho)*A))``.
-    With ``old_logprobs = student_logprobs.detach()`` rho is 1 with gradient grad log pi, so
-    the gradient is the single-sample estimate of grad KL(pi_theta || pi_T).
+    Advantage A = w * (log pi_T(y) - log pi_theta(y) + baseline), detached, where
+    w = min(pi_theta(y) / mu(y), importance_cap) is the truncated importance weight against the
+    behaviour policy mu that sampled y (``behavior_logprobs``); ``importance_cap=None``: w = 1.
+    ``baseline`` (vOPD: the per-token KL_t(pi_theta || pi_T)) depends on the prefix only, so it
+    leaves the expected gradient unchanged.
+
+    ``clip_eps=None``, REINFORCE: loss = -mean(A * log pi_theta).
+    ``clip_eps > 0``, PPO: rho = pi_theta / pi_old, loss = -mean(min(rho * A, clip(rho, 1 +- eps) * A)).
+    ``old_logprobs=None`` takes pi_old = pi_theta detached (one update per batch): rho = 1 with
+    gradient grad log pi, so both forms have the gradient -mean(A * grad log pi), the single-sample
+    estimate of grad KL(pi_theta || pi_T) when y ~ pi_theta, and the clip never bites.
+    ``clip_fraction``: the fraction of masked tokens whose clipped term is the minimum (zero gradient).
     """
     if clip_eps is not None and clip_eps <= 0:
         raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps}")
+    if clip_eps is None and old_logprobs is not None:
+        raise ValueError("old_logprobs is the PPO ratio's denominator: it needs clip_eps")
+    if importance_cap is not None and importance_cap <= 0:
+        raise ValueError(f"importance_cap must be > 0 or None, got {importance_cap}")
+    if importance_cap is not None and behavior_logprobs is None:
+        raise ValueError("importance_cap needs behavior_logprobs")
     mask = mask.to(torch.bool)
-    student = _f32(student_logprobs)
-    teacher = _finite_teacher(teacher_logprobs, mask)
-    advantage = torch.where(mask, teacher - student, torch.zeros_like(student)).detach()
-    # Masked log-ratio is set to 0 before exp so padded old log-probs cannot overflow rho.
-    log_ratio = torch.where(mask, student - old_logprobs.detach().to(student.dtype), torch.zeros_like(student))
-    rho = torch.exp(log_ratio)
-    objective = rho * advantage
-    if clip_eps is not None:
-        clipped = torch.clamp(rho, 1.0 - clip_eps, 1.0 + clip_eps) * advantage
-        objective = torch.minimum(objective, clipped)
-    return -masked_mean(objective, mask)
+    zeros = torch.zeros_like(_f32(student_logprobs))
+    student = torch.where(mask, _f32(student_logprobs), zeros)
+    advantage = _finite_teacher(teacher_logprobs, mask) - student
+    if baseline is not None:
+        advantage = advantage + baseline.to(student.dtype)
+    if importance_cap is not None:
+        # Masked log-ratios are set to 0 before exp so padded log-probs cannot overflow it.
+        log_w = torch.where(mask, student - behavior_logprobs.to(student.dtype), zeros)
+        advantage = advantage * log_w.exp().clamp_max(importance_cap)
+    advantage = torch.where(mask, advantage, zeros).detach()
+    if clip_eps is None:
+        return -masked_mean(advantage * student, mask), zeros.sum()
+    old = student.detach() if old_logprobs is None else old_logprobs.detach().to(student.dtype)
+    rho = torch.exp(torch.where(mask, student - old, zeros))
+    unclipped = rho * advantage
+    clipped = torch.clamp(rho, 1.0 - clip_eps, 1.0 + clip_eps) * advantage
+    clip_fraction = masked_mean((clipped < unclipped).to(student.dtype), mask).detach()
+    return -masked_mean(torch.minimum(unclipped, clipped), mask), clip_fraction
 
 
-def _topk_forward_kl(
+def generalized_jsd(teacher_logp: Tensor, student_logp: Tensor, beta: float) -> Tensor:
+    """Generalized Jensen-Shannon divergence over the last dimension, in TRL GKD's convention.
+
+    With p the teacher, q the student and m = beta * p + (1 - beta) * q:
+    JSD_beta = beta * KL(p || m) + (1 - beta) * KL(q || m); beta = 0 is defined as the forward
+    KL(p || q) and beta = 1 as the reverse KL(q || p) (the interior tends to 0 at both ends).
+    Inputs are log-probabilities; write log 0 as LOG_ZERO, not -inf.
+    """
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0:
+        return _kl(teacher_logp, student_logp)
+    if beta == 1:
+        return _kl(student_logp, teacher_logp)
+    log_m = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log1p(-beta))
+    return beta * _kl(teacher_logp, log_m) + (1 - beta) * _kl(student_logp, log_m)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) over the last dimension; entries with p = 0 (LOG_ZERO) add exactly 0."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _log_rest(log_probs: Tensor) -> Tensor:
+    """log(1 - sum exp(log_probs)) over the last dimension (kept): the mass outside the top-k.
+
+    Floored at the dtype's eps: 1 - sum is only known to about eps, and the floor keeps a top-k that
+    holds all the mass up to rounding (k = V, or a certain model) at a finite log and gradient.
+    """
+    rest = -torch.expm1(torch.logsumexp(log_probs, dim=-1, keepdim=True))
+    return rest.clamp_min(torch.finfo(rest.dtype).eps).log()
+
+
+def _topk_buckets(
     student_logits: Tensor,
     log_z: Tensor,
     teacher_topk_ids: Tensor,
     teacher_topk_logprobs: Tensor,
     mask: Tensor,
-) -> Tensor:
-    mask = mask.to(torch.bool)
+    tail: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Teacher and student log-probs on k + 1 buckets, the cached ids then the rest: ``[B, T, k + 1]`` each,
+    and the ``[B, T]`` positions with a non-empty support.
+
+    Entries whose teacher log-prob is -inf or NaN (a padded cache entry is the same as no entry),
+    and every entry at masked positions, are outside the support: LOG_ZERO on both sides.
+    """
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail {tail!r}; valid: {', '.join(TAILS)}")
     teacher = _f32(teacher_topk_logprobs)
-    # Masked rows may be all -inf/NaN (softmax -> NaN); give them a harmless uniform instead.
-    teacher = torch.where(mask.unsqueeze(-1), teacher, torch.zeros_like(teacher))
-    teacher_logp = torch.log_softmax(teacher, dim=-1)  # renormalised over the k cached entries
-    teacher_p = teacher_logp.exp()
-    student_logq = _gather_logprobs(student_logits, teacher_topk_ids, log_z)
-    # xlogy gives 0 where p = 0 (teacher -inf entries) instead of 0 * -inf = NaN.
-    per_token = (torch.special.xlogy(teacher_p, teacher_p) - teacher_p * student_logq).sum(-1)
-    return masked_mean(per_token, mask)
+    keep = torch.isfinite(teacher) & mask.unsqueeze(-1)
+    log_zero = torch.full_like(teacher, LOG_ZERO)
+    teacher = torch.where(keep, teacher, log_zero)
+    student = torch.where(keep, _gather_logprobs(student_logits, teacher_topk_ids, log_z), log_zero)
+    empty = log_zero[..., :1]
+    if tail == "rest_bucket":
+        # float16 storage can push the cached mass a little above 1: scale it back so the rest is >= 0.
+        teacher = teacher - torch.logsumexp(teacher, -1, keepdim=True).clamp_min(0)
+        teacher_rest = _log_rest(teacher)
+    else:
+        teacher, teacher_rest = torch.log_softmax(teacher, -1), empty
+    if tail == "renorm_both":
+        student, student_rest = torch.log_softmax(student, -1), empty
+    else:
+        student_rest = _log_rest(student)
+    return torch.cat([teacher, teacher_rest], -1), torch.cat([student, student_rest], -1), keep.any(-1)
 
 
-def topk_forward_kl_loss(
+def _topk_divergence(
+    student_logits: Tensor,
+    log_z: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    mask: Tensor,
+    beta: float,
+    tail: str,
+) -> Tensor:
+    """Per-token generalized JSD on the top-k buckets, ``[B, T]`` (topk_divergence_loss); 0 without support."""
+    if tail == "renorm_teacher" and beta == 1:
+        raise ValueError(
+            "reverse KL against a teacher renormalised over its k is infinite once the student has mass "
+            "outside them; use tail renorm_both or rest_bucket"
+        )
+    teacher, student, support = _topk_buckets(student_logits, log_z, teacher_topk_ids, teacher_topk_logprobs, mask,
+                                              tail)
+    # All-LOG_ZERO rows are finite but meaningless (renormalised, they turn uniform): count them as 0.
+    per_token = generalized_jsd(teacher, student, beta)
+    return torch.where(support, per_token, torch.zeros_like(per_token))
+
+
+def topk_divergence_loss(
     student_logits: Tensor,
     teacher_topk_ids: Tensor,
     teacher_topk_logprobs: Tensor,
     mask: Tensor,
+    *,
+    beta: float = 0.0,
+    tail: str = "renorm_teacher",
 ) -> Tensor:
-    """Forward KL(p_T || p_S) on the teacher's top-k support, teacher renormalised over its k.
+    """Generalized JSD(beta) on the teacher's top-k support (0: forward KL, 1: reverse KL; generalized_jsd).
 
-    Per token: sum_k p_k (log p_k - log q_k), p = softmax(teacher top-k log-probs),
-    q = student softmax over the full vocabulary. Equals the exact KL when k = V.
+    q is the student's softmax over the full vocabulary, p the cached teacher top-k. ``tail`` says
+    what happens to the mass outside the k:
+
+    * ``renorm_teacher``: p renormalised over its k, zero elsewhere; q untouched (its mass outside
+      the k is one bucket, which loses nothing: p is 0 there). The exact divergence between these
+      two full distributions; reverse KL (beta = 1) is infinite and refused.
+    * ``renorm_both``: p and q both renormalised over the teacher's k ids.
+    * ``rest_bucket``: a (k+1)-th bucket on each side holds 1 - sum of its top-k probabilities.
+
+    Every mode equals the exact full-vocabulary divergence when k = V. A position whose cached
+    entries are all -inf (or NaN) adds 0.
     """
-    log_z = _log_normalizer(student_logits)
-    return _topk_forward_kl(student_logits, log_z, teacher_topk_ids, teacher_topk_logprobs, mask)
+    mask = mask.to(torch.bool)
+    per_token = _topk_divergence(student_logits, _log_normalizer(student_logits), teacher_topk_ids,
+                                 teacher_topk_logprobs, mask, beta, tail)
+    return masked_mean(per_token, mask)
 
 
 @torch.no_grad()
@@ -145,6 +294,10 @@ def reverse_kl_estimate(student_logprobs: Tensor, teacher_logprobs: Tensor, mask
     return masked_mean(_f32(student_logprobs) - teacher, mask).detach()
 
 
+TOPK_BETA = {"topk_fkl": 0.0, "topk_rkl": 1.0}
+"""beta of the fixed top-k terms; topk_jsd takes compute_loss's jsd_beta."""
+
+
 def compute_loss(
     name: str,
     *,
@@ -152,56 +305,97 @@ def compute_loss(
     targets: Tensor,
     mask: Tensor,
     old_logprobs: Tensor | None = None,
+    behavior_logprobs: Tensor | None = None,
     teacher_logprobs: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
     clip_eps: float | None = 0.2,
+    importance_cap: float | None = None,
+    vopd: bool = False,
+    jsd_beta: float = 0.5,
+    tail: str = "renorm_teacher",
+    token_fraction: float = 1.0,
+    token_select: str = "entropy",
+    temperature: float = 1.0,
     sft_weight: float = 0.0,
 ) -> dict[str, Tensor]:
-    """Dispatch a loss by name; returns ``{"loss": total, <component>: value, ...}``.
+    """The loss ``name`` (one of LOSSES; ``a+b`` sums terms a and b), with its options.
 
-    Only ``"loss"`` carries a graph; components (and ``"reverse_kl"``, present whenever
-    ``teacher_logprobs`` is given) are detached, for logging.
-    ``old_logprobs=None`` means on-policy: the current student log-probs, detached (rho = 1).
-    ``sft_weight > 0`` adds ``sft_weight * sft`` to a distillation loss; it is ignored for ``"sft"``.
+    Returns ``{"loss": total, <term>: value, ..., "entropy": ..., ...}``; only ``"loss"`` carries a
+    graph, the rest are detached, for logging: each term, ``"clip_fraction"`` (with the opd term),
+    ``"entropy"`` (student, mean over response tokens) and ``"reverse_kl"`` (the sampled-token
+    estimate of KL(pi_theta || pi_T), whenever ``teacher_logprobs`` is given).
+
+    * ``temperature`` divides the student logits in every term; the teacher log-probs stay raw.
+    * opd term: sampled_token_opd_loss with ``clip_eps``, ``old_logprobs`` (None: on-policy),
+      ``importance_cap`` against ``behavior_logprobs``, and with ``vopd`` the detached per-token
+      reverse KL on the cached top-k (``rest_bucket`` view) as baseline.
+    * topk terms: topk_divergence_loss with ``tail``; ``jsd_beta`` for topk_jsd.
+    * ``token_fraction < 1``: the distillation terms train on that fraction of the response tokens
+      (select_tokens) with the highest student entropy or (``token_select="divergence"``) top-k
+      reverse KL; the sft term and the diagnostics keep every response token.
+    * ``sft_weight > 0`` adds ``sft_weight * sft`` to a distillation loss; it is ignored for ``"sft"``.
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
     if sft_weight < 0:
         raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
-    mask = mask.to(torch.bool)
-    uses_opd = name in ("opd", "opd+topk_fkl")
-    uses_topk = name in ("topk_fkl", "opd+topk_fkl")
-    uses_sft = name == "sft" or sft_weight > 0
-    if uses_opd and teacher_logprobs is None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if token_select not in TOKEN_SELECTIONS:
+        raise ValueError(f"unknown token_select {token_select!r}; valid: {', '.join(TOKEN_SELECTIONS)}")
+    terms = name.split("+")
+    select = token_fraction < 1
+    needs_topk_kl = vopd or (select and token_select == "divergence")
+    if vopd and "opd" not in terms:
+        raise ValueError(f"vopd is a baseline of the opd term; loss {name!r} has none")
+    if "opd" in terms and teacher_logprobs is None:
         raise ValueError(f"loss {name!r} needs teacher_logprobs")
-    if uses_topk:
+    if needs_topk_kl or any(term.startswith("topk_") for term in terms):
         for arg, value in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
             if value is None:
-                raise ValueError(f"loss {name!r} needs {arg}")
+                raise ValueError(f"loss {name!r} with these options needs {arg}")
 
-    # One normaliser shared by every component: the float32 cast of bf16 logits is then
+    mask = mask.to(torch.bool)
+    if temperature != 1.0:
+        student_logits = student_logits / temperature
+    # One normaliser shared by every term: the float32 cast of bf16 logits is then
     # made (and saved for backward) once, not once per loss.
     log_z = _log_normalizer(student_logits)
-    student_lp = None
-    if uses_opd or uses_sft or teacher_logprobs is not None:
-        student_lp = _gather_logprobs(student_logits, targets, log_z)
+    student_lp = _gather_logprobs(student_logits, targets, log_z)
+    entropy = student_entropy(student_logits, log_z)
+    topk_kl = None
+    if needs_topk_kl:
+        with torch.no_grad():
+            # rest_bucket: the one view in which the student's mass outside the teacher's k counts
+            # and the reverse KL stays finite; it is a lower bound of the exact KL_t.
+            topk_kl = _topk_divergence(student_logits, log_z, teacher_topk_ids, teacher_topk_logprobs, mask,
+                                       1.0, "rest_bucket")
+    train_mask = mask
+    if select:
+        train_mask = select_tokens(entropy if token_select == "entropy" else topk_kl, mask, token_fraction)
 
     total = student_logits.new_zeros((), dtype=torch.float32)
     out: dict[str, Tensor] = {}
-    if uses_opd:
-        old = student_lp.detach() if old_logprobs is None else old_logprobs
-        opd = sampled_token_opd_loss(student_lp, old, teacher_logprobs, mask, clip_eps=clip_eps)
+    if "opd" in terms:
+        opd, out["clip_fraction"] = sampled_token_opd_loss(
+            student_lp, teacher_logprobs, train_mask, clip_eps=clip_eps, old_logprobs=old_logprobs,
+            behavior_logprobs=behavior_logprobs, importance_cap=importance_cap, baseline=topk_kl if vopd else None,
+        )
         total = total + opd
         out["opd"] = opd.detach()
-    if uses_topk:
-        fkl = _topk_forward_kl(student_logits, log_z, teacher_topk_ids, teacher_topk_logprobs, mask)
-        total = total + fkl
-        out["topk_fkl"] = fkl.detach()
-    if uses_sft:
+    for term in terms:
+        if term.startswith("topk_"):
+            per_token = _topk_divergence(student_logits, log_z, teacher_topk_ids, teacher_topk_logprobs, train_mask,
+                                         TOPK_BETA.get(term, jsd_beta), tail)
+            value = masked_mean(per_token, train_mask)
+            total = total + value
+            out[term] = value.detach()
+    if "sft" in terms or sft_weight > 0:
         sft = sft_loss(student_lp, mask)
         total = total + (sft if name == "sft" else sft_weight * sft)
         out["sft"] = sft.detach()
+    out["entropy"] = masked_mean(entropy, mask)
     if teacher_logprobs is not None:
         out["reverse_kl"] = reverse_kl_estimate(student_lp, teacher_logprobs, mask)
     return {"loss": total, **out}

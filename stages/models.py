@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import cli, models, toy_task, training
+from pipeline import cli, data, models, toy_task, training
 from pipeline.config import ModelsConfig, TaskConfig, load_section
 from stages.prompts import read_split
 
@@ -34,7 +34,9 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
             }
             for r in read_split(prompts_dir, "teacher_train")
         ]
-        training.train(teacher, rows, cfg.teacher_training, tokenizer.pad_token_id, out / "logs" / "teacher")
+        train_cfg = cfg.teacher_training
+        batches = data.in_memory(rows, train_cfg.batch_size, tokenizer.pad_token_id, train_cfg.seed)
+        training.train(teacher, batches, train_cfg, out / "logs" / "teacher")
         models.save_model(teacher, tokenizer, out / "teacher")
         manifest["teacher"] = {**models.describe("toy-teacher", out / "teacher"), "path": "teacher"}
     else:

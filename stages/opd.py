@@ -13,33 +13,48 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_schemas import SchemaError, teacher_cache
 from data_schemas import rollouts as rollouts_schema
-from pipeline import cli, models, shards, training
+from pipeline import cli, data, models, shards, training
 from pipeline.config import ConfigError, OpdConfig, load_section
 
 log = logging.getLogger("opd")
 
 
-def _row_arrays(column: pa.ChunkedArray, k: int | None = None) -> list[np.ndarray]:
-    """Per-row numpy views of a list<_> column ([R]) or list<fixed_size_list<_, k>> column ([R, k]),
-    sharing one flat buffer: no per-token Python objects, and compact in memory (stored dtypes kept)."""
-    lists = column.combine_chunks()
-    flat = lists.flatten() if k is None else lists.flatten().flatten()
-    flat = flat.to_numpy(zero_copy_only=False)
-    if k is not None:
-        flat = flat.reshape(-1, k)
-    bounds = np.concatenate([[0], np.cumsum(pc.list_value_length(lists).to_numpy())])
-    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+def _read_pair(rollout_path: Path, cache_path: Path) -> tuple[pa.Table, pa.Table, dict]:
+    """One rollout shard and its cache shard, validated, checked to belong together, aligned row by row."""
+    rollouts, _ = shards.read_shard(rollout_path, rollouts_schema)
+    cache, provenance = shards.read_shard(cache_path, teacher_cache)
+    if provenance.get("rollouts_sha256") != shards.file_sha256(rollout_path):
+        raise SchemaError(
+            f"{cache_path} was scored from other rollouts than {rollout_path}. "
+            f"Fix: rerun the teacher_logprobs stage on these rollouts.",
+            cache_path,
+        )
+    teacher_cache.check_aligned(cache, rollouts, cache_path, rollout_path)
+    return rollouts, cache, provenance
 
 
-def load_rows(rollouts_dir: Path, cache_dir: Path) -> tuple[list[dict], dict]:
-    """Training rows (tokens, behaviour log-probs, teacher signal) and the cache's provenance."""
-    rows, cache_provenance = [], None
+def shard_rows(rollouts: pa.Table, cache: pa.Table) -> list[dict]:
+    """Training rows of one shard pair: per-row numpy views (tokens, behaviour and teacher signal)."""
+    k = teacher_cache.k_of(cache)
+    columns = {
+        "prompt_ids": data.row_arrays(rollouts["prompt_ids"]),
+        "response_ids": data.row_arrays(rollouts["response_ids"]),
+        "behavior_logprobs": data.row_arrays(rollouts["behavior_logprobs"]),
+        "teacher_logprobs": data.row_arrays(cache["teacher_token_logprobs"]),
+        "teacher_topk_ids": data.row_arrays(cache["teacher_topk_ids"], k),
+        "teacher_topk_logprobs": data.row_arrays(cache["teacher_topk_logprobs"], k),
+    }
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 8):
+    """Check every shard pair before training starts (a bad shard fails now, not hours in), then return
+    the streaming dataset over them, each row's length (for bucketing) and the cache's provenance."""
     cache_paths = shards.list_shards(cache_dir)
     rollout_paths = shards.list_shards(rollouts_dir)
     if len(cache_paths) != len(rollout_paths) or not cache_paths:
@@ -48,28 +63,16 @@ def load_rows(rollouts_dir: Path, cache_dir: Path) -> tuple[list[dict], dict]:
             f"the cache is incomplete or from other rollouts. Fix: rerun the teacher_logprobs stage.",
             cache_dir,
         )
+    sizes, lengths, cache_provenance = [], [], None
     for rollout_path, cache_path in zip(rollout_paths, cache_paths):
-        rollouts, _ = shards.read_shard(rollout_path, rollouts_schema)
-        cache, provenance = shards.read_shard(cache_path, teacher_cache)
-        if provenance.get("rollouts_sha256") != shards.file_sha256(rollout_path):
-            raise SchemaError(
-                f"{cache_path} was scored from other rollouts than {rollout_path}. "
-                f"Fix: rerun the teacher_logprobs stage on these rollouts.",
-                cache_path,
-            )
-        teacher_cache.check_aligned(cache, rollouts, cache_path, rollout_path)
-        k = teacher_cache.k_of(cache)
-        columns = {
-            "prompt_ids": _row_arrays(rollouts["prompt_ids"]),
-            "response_ids": _row_arrays(rollouts["response_ids"]),
-            "behavior_logprobs": _row_arrays(rollouts["behavior_logprobs"]),
-            "teacher_logprobs": _row_arrays(cache["teacher_token_logprobs"]),
-            "teacher_topk_ids": _row_arrays(cache["teacher_topk_ids"], k),
-            "teacher_topk_logprobs": _row_arrays(cache["teacher_topk_logprobs"], k),
-        }
-        rows.extend(dict(zip(columns, values)) for values in zip(*columns.values()))
+        rollouts, _, provenance = _read_pair(rollout_path, cache_path)
+        sizes.append(rollouts.num_rows)
+        lengths.extend(pc.add(pc.list_value_length(rollouts["prompt_ids"]),
+                              pc.list_value_length(rollouts["response_ids"])).to_pylist())
         cache_provenance = cache_provenance or provenance
-    return rows, cache_provenance
+    pairs = list(zip(rollout_paths, cache_paths))
+    dataset = data.ShardedRows(sizes, lambda i: shard_rows(*_read_pair(*pairs[i])[:2]), max_shards_in_memory)
+    return dataset, lengths, cache_provenance
 
 
 def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: dict) -> None:
@@ -103,11 +106,12 @@ def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: di
 
 def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, out: Path) -> Path:
     sft_provenance = models.read_provenance(sft_model)
-    rows, cache_provenance = load_rows(rollouts_dir, cache_dir)
+    rows, lengths, cache_provenance = open_cache(rollouts_dir, cache_dir, cfg.max_shards_in_memory)
     check_consistency(cfg, sft_provenance, cache_provenance)
     model = models.load_model(sft_model)
     tokenizer = models.load_tokenizer(sft_model)
-    training.train(model, rows, cfg, tokenizer.pad_token_id, out / "logs", loss=cfg.loss)
+    batches = data.ShardedData(rows, lengths, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
+    training.train(model, batches, cfg, out / "logs", loss=cfg.loss)
     models.save_model(model, tokenizer, out)
     models.write_provenance(
         out,

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from data_schemas import sft_samples
-from pipeline import cli, models, shards, training
+from pipeline import cli, data, models, shards, training
 from pipeline.config import TrainConfig, load_section
 
 log = logging.getLogger("sft")
@@ -21,7 +21,7 @@ def run(cfg: TrainConfig, models_dir: Path, sft_data: Path, out: Path) -> Path:
     model = models.load_model(student["path"])
     tokenizer = models.load_tokenizer(student["path"])
     rows = table.select(["prompt_ids", "response_ids"]).to_pylist()
-    training.train(model, rows, cfg, tokenizer.pad_token_id, out / "logs")
+    training.train(model, data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed), cfg, out / "logs")
     models.save_model(model, tokenizer, out)
     models.write_provenance(
         out,

@@ -1,0 +1,172 @@
+"""OPD training data streamed from Parquet shards: one shard pair (rollouts + teacher cache) in memory
+at a time, shuffled and length-bucketed within it, reproducible per epoch from a seed.
+
+Memory is bounded by `max_shards_in_memory` shard pairs, not by the whole cache, so a cache larger
+than RAM trains the same way as the toy one. Shards are validated before training starts (see
+stages.opd.check_shards); here they are only read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+BUCKET_BATCHES = 16
+"""Length bucketing: rows are sorted by length within windows of this many batches (after a shuffle),
+so a batch pads to similar lengths while batches still mix the whole shard."""
+
+
+def row_arrays(column: pa.ChunkedArray, k: int | None = None) -> list[np.ndarray]:
+    """Per-row numpy views of a list<_> column ([R]) or list<fixed_size_list<_, k>> column ([R, k]),
+    sharing one flat buffer: no per-token Python objects, and compact in memory (stored dtypes kept)."""
+    lists = column.combine_chunks()
+    flat = lists.flatten() if k is None else lists.flatten().flatten()
+    flat = flat.to_numpy(zero_copy_only=False)
+    if k is not None:
+        flat = flat.reshape(-1, k)
+    bounds = np.concatenate([[0], np.cumsum(pc.list_value_length(lists).to_numpy())])
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class ShardedRows(Dataset):
+    """Rows of many shards, addressed by one global index; a shard is loaded (by `load_shard(i)`, a
+    list of row dicts) when first touched and kept in a small LRU of `max_shards_in_memory`."""
+
+    def __init__(self, shard_sizes: list[int], load_shard: Callable[[int], list[dict]], max_shards_in_memory: int = 2):
+        if not shard_sizes or sum(shard_sizes) == 0:
+            raise ValueError("no training rows: the input artefact is empty")
+        self.shard_sizes, self.load_shard, self.capacity = list(shard_sizes), load_shard, max(1, max_shards_in_memory)
+        self.starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).tolist()
+        self._loaded: OrderedDict[int, list[dict]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        shard = bisect.bisect_right(self.starts, index) - 1
+        return shard, index - self.starts[shard]
+
+    def __getitem__(self, index: int) -> dict:
+        shard, row = self.locate(index)
+        if shard not in self._loaded:
+            rows = self.load_shard(shard)
+            if len(rows) != self.shard_sizes[shard]:
+                raise RuntimeError(f"shard {shard} changed while training: {len(rows)} rows, expected {self.shard_sizes[shard]}")
+            self._loaded[shard] = rows
+            while len(self._loaded) > self.capacity:
+                self._loaded.popitem(last=False)
+        self._loaded.move_to_end(shard)
+        return self._loaded[shard][row]
+
+
+class ShardBatchSampler(Sampler[list[int]]):
+    """Batches of global indices for ShardedRows, epoch after epoch, deterministic in (seed, epoch).
+
+    Each epoch visits the shards in a shuffled order and finishes one before starting the next, so
+    only the current shard needs to be in memory. Within a shard the rows are shuffled, sorted by
+    length in windows of BUCKET_BATCHES batches, cut into batches, and the batches shuffled. A
+    shard's last partial batch is dropped when the shard holds at least one full batch.
+    With `num_replicas` > 1 (DDP), replica r takes every num_replicas-th batch, from equally many.
+    """
+
+    def __init__(self, lengths: list[int], shard_sizes: list[int], batch_size: int, seed: int,
+                 num_replicas: int = 1, rank: int = 0):
+        self.lengths, self.shard_sizes, self.batch_size, self.seed = np.asarray(lengths), shard_sizes, batch_size, seed
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.starts = np.concatenate([[0], np.cumsum(shard_sizes)])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches = []
+        for shard in rng.permutation(len(self.shard_sizes)):
+            index = self.starts[shard] + rng.permutation(self.shard_sizes[shard])
+            window = self.batch_size * BUCKET_BATCHES
+            for a in range(0, len(index), window):
+                chunk = index[a : a + window]
+                index[a : a + window] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            full = len(index) - len(index) % self.batch_size if len(index) >= self.batch_size else len(index)
+            shard_batches = [index[a : a + self.batch_size].tolist() for a in range(0, full, self.batch_size)]
+            batches.extend(shard_batches[i] for i in rng.permutation(len(shard_batches)))
+        usable = len(batches) - len(batches) % self.num_replicas
+        return batches[self.rank : usable : self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches()
+        self.epoch += 1  # the next pass is a new epoch, also where Lightning does not call set_epoch
+        return iter(batches)
+
+    def __len__(self) -> int:
+        per_shard = [n // self.batch_size if n >= self.batch_size else int(n > 0) for n in self.shard_sizes]
+        return sum(per_shard) // self.num_replicas
+
+
+class ShardedData(L.LightningDataModule):
+    """The training DataModule: ShardedRows batched by ShardBatchSampler, collated, one replica's
+    share of the batches under DDP."""
+
+    def __init__(self, rows: ShardedRows, lengths: list[int], batch_size: int, pad_id: int, seed: int):
+        super().__init__()
+        self.rows, self.lengths, self.batch_size, self.pad_id, self.seed = rows, lengths, batch_size, pad_id, seed
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ShardBatchSampler(self.lengths, self.rows.shard_sizes, self.batch_size, self.seed, replicas, rank)
+        return DataLoader(self.rows, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=self.pad_id))
+
+
+def in_memory(rows: list[dict], batch_size: int, pad_id: int, seed: int) -> ShardedData:
+    """A DataModule over rows already in memory (SFT data): one shard."""
+    lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows]
+    return ShardedData(ShardedRows([len(rows)], lambda _: rows), lengths, batch_size, pad_id, seed)
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs and per-position targets/teacher signal (positions = inputs).
+
+    Position t of `input_ids` predicts `targets[t]`; only response tokens are in `mask`.
+    Optional row fields: `behavior_logprobs` [R], `teacher_logprobs` [R], `teacher_topk_ids`/
+    `teacher_topk_logprobs` [R, k], all aligned with `response_ids`. Rows may hold lists or numpy
+    arrays; the batch is assembled in numpy (slice copies, no per-token Python) and shared with torch.
+    """
+    prompt_lens = np.array([len(r["prompt_ids"]) for r in rows])
+    response_lens = np.array([len(r["response_ids"]) for r in rows])
+    seq_lens = prompt_lens + response_lens
+    width = int(seq_lens.max()) - 1
+    # (row, column) of every sequence token and of every response token's predicting position,
+    # so each field is filled by one scatter of its rows' concatenation instead of a loop over rows
+    seq_rows = np.repeat(np.arange(len(rows)), seq_lens)
+    seq_cols = np.arange(len(seq_rows)) - np.repeat(np.cumsum(seq_lens) - seq_lens, seq_lens)
+    resp_rows = np.repeat(np.arange(len(rows)), response_lens)
+    resp_cols = (np.arange(len(resp_rows)) - np.repeat(np.cumsum(response_lens) - response_lens, response_lens)
+                 + np.repeat(prompt_lens - 1, response_lens))  # position p - 1 predicts the first response token
+    tokens = np.full((len(rows), width + 1), pad_id, dtype=np.int64)
+    tokens[seq_rows, seq_cols] = np.concatenate([np.concatenate([r["prompt_ids"], r["response_ids"]]) for r in rows])
+    attention = (np.arange(width) < (seq_lens - 1)[:, None]).astype(np.int64)
+    mask = np.zeros((len(rows), width), dtype=bool)
+    mask[resp_rows, resp_cols] = True
+    fields = {}
+    for key in (k for k in RESPONSE_FIELDS if k in rows[0]):
+        values = np.concatenate([np.asarray(r[key]) for r in rows])
+        fields[key] = np.zeros((len(rows), width, *values.shape[1:]),
+                               dtype=np.int64 if key == "teacher_topk_ids" else np.float32)
+        fields[key][resp_rows, resp_cols] = values
+    inputs = np.where(attention == 1, tokens[:, :-1], pad_id)
+    batch = {"input_ids": inputs, "attention_mask": attention, "targets": np.ascontiguousarray(tokens[:, 1:]), "mask": mask}
+    return {key: torch.from_numpy(value) for key, value in {**batch, **fields}.items()}
+
+
+RESPONSE_FIELDS = ("behavior_logprobs", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
+"""Optional per-response-token row fields, placed at the response's positions by `collate`."""
