@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import hashlib
 import importlib
 import logging
 import sys
@@ -12,17 +14,59 @@ STAGES = ("prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs"
 """Pipeline order."""
 TOOLS = {"inspect": "pipeline.inspect_cache"}
 """Subcommands that are not stages: module implementing each."""
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("pipeline", "stages", "data_schemas")
 
 
-def stage_args(doc: str, argv, *paths: str, sharded: bool = False) -> argparse.Namespace:
-    """Parse a stage's command line: `--params` plus the named paths (declared in dvc.yaml), and
-    for data-parallel stages `--shard i --num-shards n` (as `args.worker = (i, n)`)."""
+def module_file(name: str) -> Path | None:
+    """The project file of module `name`, or None if it is not one of ours."""
+    path = ROOT / Path(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def project_imports(path: Path, seen: set[Path] | None = None) -> set[Path]:
+    """`path` and every project file it imports, transitively, following imports inside functions too."""
+    seen = set() if seen is None else seen
+    if path in seen:
+        return seen
+    seen.add(path)
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name.split(".")[0] in PACKAGES and (found := module_file(name)):
+                project_imports(found, seen)
+    return seen
+
+
+def code_sha256(stage: str) -> str:
+    """sha256 of the code a stage runs (its file and every project file it imports), recorded in its
+    shards' provenance: shards written by other code count as stale, as dvc.yaml's code deps say."""
+    files = sorted(project_imports(ROOT / "stages" / f"{stage}.py"))
+    listing = "".join(f"{f.relative_to(ROOT)}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bool = False) -> argparse.Namespace:
+    """Parse a stage's command line: `--params` plus the named paths (declared in dvc.yaml), for
+    data-parallel stages `--shard i --num-shards n` (as `args.worker = (i, n)`), and for stages that
+    resume from their finished shards (`resumable`, implied by `sharded`) `--replace-stale`."""
     parser = argparse.ArgumentParser(
         description=doc.strip().splitlines()[0], epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     for name in paths:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True)
+    if sharded or resumable:
+        parser.add_argument("--replace-stale", action="store_true",
+                            help="delete shards written with another config or input instead of refusing them "
+                                 "(dvc.yaml passes it: dvc reruns a stage when its inputs changed)")
     if sharded:
         parser.add_argument("--shard", type=int, default=0, help="this worker's index (default: 0)")
         parser.add_argument("--num-shards", type=int, default=1, help="number of workers sharing the output (default: 1)")

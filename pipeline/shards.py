@@ -255,14 +255,16 @@ def read_shards(directory, artefact) -> tuple[pa.Table, dict]:
 
 
 def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artefact, provenance,
-                worker: tuple[int, int] = (0, 1), **schema_kw) -> int:
+                worker: tuple[int, int] = (0, 1), replace_stale: bool = False, **schema_kw) -> int:
     """Write every missing shard of `directory`: shard i holds rows [i*rows_per_shard, ...) made by
     `make_table(i, row_slice)`. `provenance` is a dict, or a function of the shard index.
 
     `worker = (w, n)`: this process is worker w of n and writes only shards i with i % n == w, so n
     processes (nodes, a Slurm array) fill one directory together; their union is a one-worker run.
     Finished shards are kept (resume after a crash), but only if they were written with the same
-    provenance, so a changed config or input never mixes with stale shards.
+    provenance, so a changed config or input never mixes with stale shards: those are refused, or
+    with `replace_stale` deleted and recomputed (what `dvc repro` wants: it reruns a stage exactly
+    when its inputs changed, and keeps the outputs in place so that a crashed run can resume).
     Returns the number of shards written now.
     """
     directory = Path(directory)
@@ -278,9 +280,14 @@ def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artef
         except (OSError, pa.ArrowException):
             continue  # corrupt: pending_shards reports and deletes it
         if index >= num_shards or found != json.loads(json.dumps(provenance_of(index))):
+            if replace_stale:
+                log.warning("%s was written with another configuration or input; deleting it (--replace-stale)", path)
+                path.unlink()
+                continue
             raise SchemaError(
                 f"{path} was written with another configuration or input than this run's. "
-                f"Fix: delete {directory} (`dvc repro` does) and rerun {artefact.PRODUCED_BY}.",
+                f"Fix: delete {directory}, or rerun with --replace-stale (`dvc repro` passes it), "
+                f"then rerun {artefact.PRODUCED_BY}.",
                 path,
             )
     pending = pending_shards(directory, num_shards, range(shard, num_shards, num_workers))

@@ -24,12 +24,13 @@ log = logging.getLogger("rollouts")
 
 
 def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts_dir: Path, out: Path,
-        round_: int = 0, worker: tuple[int, int] = (0, 1)) -> int:
+        round_: int = 0, worker: tuple[int, int] = (0, 1), replace_stale: bool = False) -> int:
     prompts = read_split(prompts_dir, "opd")
     tokenizer = models.load_tokenizer(policy_dir)
     engine = None
     provenance = {
         "stage": "rollouts",
+        "code_sha256": cli.code_sha256("rollouts"),
         "policy": models.identity(models.describe(policy_dir.name, policy_dir)),
         "engine": engines.engine_version(engine_cfg.name),
         "logprob_mode": engines.LOGPROB_MODE,
@@ -55,7 +56,8 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
             }
         )
 
-    written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, rollouts_schema, provenance, worker)
+    written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, rollouts_schema, provenance, worker,
+                                 replace_stale)
     log.info("%s: %d shards written (%d prompts x %d samples)", out, written, len(prompts), cfg.n)
     return written
 
@@ -64,7 +66,7 @@ def main(argv=None):
     args = cli.stage_args(__doc__, argv, "policy", "prompts", "out", sharded=True)
     params = args.params
     run(load_section("rollouts", params), load_section("engine", params), args.policy, args.prompts, args.out,
-        worker=args.worker)
+        worker=args.worker, replace_stale=args.replace_stale)
 
 
 if __name__ == "__main__":

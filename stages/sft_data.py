@@ -22,12 +22,14 @@ from stages.prompts import read_split
 log = logging.getLogger("sft_data")
 
 
-def run(cfg: SamplingConfig, engine_cfg: EngineConfig, models_dir: Path, prompts_dir: Path, out: Path) -> int:
+def run(cfg: SamplingConfig, engine_cfg: EngineConfig, models_dir: Path, prompts_dir: Path, out: Path,
+        replace_stale: bool = False) -> int:
     teacher = models.read_manifest(models_dir)["teacher"]
     prompts = read_split(prompts_dir, "sft")
     engine = load_engine(teacher["path"], engine_cfg)
     provenance = {
         "stage": "sft_data",
+        "code_sha256": cli.code_sha256("sft_data"),
         "teacher": models.identity(teacher),
         "engine": engine.version,
         "config": vars(cfg),
@@ -49,15 +51,17 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, models_dir: Path, prompts
             }
         )
 
-    written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, sft_samples, provenance)
+    written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, sft_samples, provenance,
+                                 replace_stale=replace_stale)
     log.info("%s: %d shards written, %d truncated responses dropped", out, written, dropped)
     return written
 
 
 def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "models", "prompts", "out")
+    args = cli.stage_args(__doc__, argv, "models", "prompts", "out", resumable=True)
     params = args.params
-    run(load_section("sft_data", params), load_section("engine", params), args.models, args.prompts, args.out)
+    run(load_section("sft_data", params), load_section("engine", params), args.models, args.prompts, args.out,
+        replace_stale=args.replace_stale)
 
 
 if __name__ == "__main__":

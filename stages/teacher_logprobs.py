@@ -46,7 +46,7 @@ def scores_table(rollouts: pa.Table, scores: list[engines.Scores], k: int) -> pa
 
 
 def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, rollouts_dir: Path, out: Path,
-        worker: tuple[int, int] = (0, 1)) -> int:
+        worker: tuple[int, int] = (0, 1), replace_stale: bool = False) -> int:
     teacher = models.read_manifest(models_dir)["teacher"]
     rollout_paths = shards.list_shards(rollouts_dir)
     if not rollout_paths:
@@ -57,11 +57,12 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
                 f"{shards.shard_path(rollouts_dir, index)} is missing: the rollouts are incomplete. "
                 f"Fix: finish the rollouts stage (every --shard worker) before scoring."
             )
-    engine = None
+    engine, code = None, cli.code_sha256("teacher_logprobs")
 
     def provenance(index: int) -> dict:
         return {
             "stage": "teacher_logprobs",
+            "code_sha256": code,
             "teacher": models.identity(teacher),
             "engine": engines.engine_version(engine_cfg.name),
             "logprob_mode": engines.LOGPROB_MODE,
@@ -77,7 +78,8 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
         scores = engine.score(rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist(), cfg.top_k)
         return scores_table(rollouts, scores, cfg.top_k)
 
-    written = shards.fill_shards(out, len(rollout_paths), 1, make_table, teacher_cache, provenance, worker, k=cfg.top_k)
+    written = shards.fill_shards(out, len(rollout_paths), 1, make_table, teacher_cache, provenance, worker,
+                                 replace_stale, k=cfg.top_k)
     log.info("%s: %d of %d shards scored now", out, written, len(rollout_paths))
     return written
 
@@ -86,7 +88,7 @@ def main(argv=None):
     args = cli.stage_args(__doc__, argv, "models", "rollouts", "out", sharded=True)
     params = args.params
     run(load_section("teacher_logprobs", params), load_section("engine", params), args.models, args.rollouts, args.out,
-        worker=args.worker)
+        worker=args.worker, replace_stale=args.replace_stale)
 
 
 if __name__ == "__main__":

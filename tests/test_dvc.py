@@ -48,3 +48,22 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path):
     params["opd"]["lr"] = params["opd"].get("lr", 1e-3) * 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert ran_stages(sh("dvc", "repro")) == ["opd", "evaluate"]
+
+    # A stage that died mid-run left some of its shards: `dvc repro` keeps them (persist) and
+    # writes only the missing ones.
+    cache = repo / "data/teacher_cache"
+    kept = {p.name: p.stat().st_mtime_ns for p in sorted(cache.glob("*.parquet"))[:-1]}
+    sorted(cache.glob("*.parquet"))[-1].unlink()
+    assert ran_stages(sh("dvc", "repro", "teacher_logprobs")) == ["teacher_logprobs"]
+    assert {n: (cache / n).stat().st_mtime_ns for n in kept} == kept
+    assert len(list(cache.glob("*.parquet"))) == len(kept) + 1
+
+    # A changed input makes the kept shards stale: dvc reruns the stage, which replaces them.
+    params["rollouts"]["temperature"] = 0.7
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert ran_stages(sh("dvc", "repro")) == ["rollouts", "teacher_logprobs", "opd", "evaluate"]
+    from data_schemas import rollouts as rollouts_schema
+    from pipeline import shards
+
+    for path in shards.list_shards(repo / "data/rollouts"):
+        assert shards.read_shard(path, rollouts_schema)[1]["config"]["temperature"] == 0.7

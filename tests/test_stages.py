@@ -134,14 +134,19 @@ def test_rerun_of_a_finished_stage_recomputes_nothing(run_copy):
     assert before == {p: p.stat().st_mtime_ns for p in (run_copy / "data/teacher_cache").glob("*.parquet")}
 
 
-def test_changed_config_refuses_stale_shards(run_copy):
+def test_changed_config_refuses_stale_shards_or_replaces_them_when_asked(run_copy, tmp_path):
     from stages import teacher_logprobs
 
     cfg = section("teacher_logprobs")
     cfg.top_k = 3
-    with pytest.raises(SchemaError, match="another configuration"):
-        teacher_logprobs.run(cfg, section("engine"), run_copy / "models/base", run_copy / "data/rollouts",
-                             run_copy / "data/teacher_cache")
+    args = (cfg, section("engine"), run_copy / "models/base", run_copy / "data/rollouts")
+    with pytest.raises(SchemaError, match="another configuration.*--replace-stale"):
+        teacher_logprobs.run(*args, run_copy / "data/teacher_cache")
+    written = teacher_logprobs.run(*args, run_copy / "data/teacher_cache", replace_stale=True)
+    assert written == len(list((run_copy / "data/teacher_cache").glob("*.parquet")))  # every shard recomputed
+    teacher_logprobs.run(*args, tmp_path / "fresh")
+    for path in sorted((tmp_path / "fresh").glob("*.parquet")):
+        assert pq.read_table(path).equals(pq.read_table(run_copy / "data/teacher_cache" / path.name))
 
 
 KILL_AFTER = """
