@@ -73,10 +73,20 @@ class TrainConfig:
     accumulate_grad_batches: int = 1
     precision: str = "auto"
     """Lightning precision; auto means bf16-mixed on GPU, 32-true on CPU."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every N optimizer steps (0: never); a rerun after a crash resumes from the last one."""
+    strategy: str = "auto"
+    """Lightning strategy: auto, ddp, fsdp (GPUs), or any name Lightning accepts."""
+    devices: int = 1
+    """Devices (GPUs, or CPU processes with ddp) per node."""
     seed: int = 0
+    loss_chunk_tokens: int = 1024
+    """Response tokens whose logits exist at once in the loss, from the final hidden states (0: all B x T x V)."""
 
     def __post_init__(self):
         _positive(self, "steps", "batch_size", "lr", "accumulate_grad_batches")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"loss_chunk_tokens must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
 
 
 @dataclass

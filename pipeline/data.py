@@ -82,7 +82,12 @@ class ShardBatchSampler(Sampler[list[int]]):
                  num_replicas: int = 1, rank: int = 0):
         self.lengths, self.shard_sizes, self.batch_size, self.seed = np.asarray(lengths), shard_sizes, batch_size, seed
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.skip = 0  # batches of the next epoch already trained on (resume from a mid-epoch checkpoint)
         self.starts = np.concatenate([[0], np.cumsum(shard_sizes)])
+
+    def resume_at(self, batches_done: int) -> None:
+        """Continue after `batches_done` batches (all epochs counted) of an earlier run with this seed."""
+        self.epoch, self.skip = divmod(batches_done, len(self))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -103,8 +108,8 @@ class ShardBatchSampler(Sampler[list[int]]):
         return batches[self.rank : usable : self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._batches()
-        self.epoch += 1  # the next pass is a new epoch, also where Lightning does not call set_epoch
+        batches = self._batches()[self.skip :]
+        self.epoch, self.skip = self.epoch + 1, 0  # the next pass is a new epoch (also without set_epoch)
         return iter(batches)
 
     def __len__(self) -> int:
@@ -124,6 +129,8 @@ class ShardedData(L.LightningDataModule):
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ShardBatchSampler(self.lengths, self.rows.shard_sizes, self.batch_size, self.seed, replicas, rank)
+        if trainer is not None and trainer.global_step:  # restored from a checkpoint: skip what it trained on
+            sampler.resume_at(trainer.global_step * trainer.accumulate_grad_batches)
         return DataLoader(self.rows, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=self.pad_id))
 
 

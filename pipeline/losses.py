@@ -4,6 +4,9 @@ Shapes: B sequences, T positions, V vocabulary, k cached teacher entries per pos
 ``logits[:, t]`` scores ``targets[:, t]``: callers shift, these functions do not.
 Masks are bool ``[B, T]``; every loss is a token-level mean over the whole batch.
 
+compute_loss takes the student's logits, or (to keep a ``[B, T, V]`` logits tensor from ever existing)
+its final hidden states and LM head, whose logits it computes a chunk of response positions at a time.
+
 The cached teacher log-probs (sampled token and top-k) are the teacher's raw log-probs, at
 temperature 1; ``compute_loss(temperature=...)`` divides the student's logits only.
 
@@ -16,8 +19,11 @@ turns into a NaN gradient (0 * inf in the backward pass).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # The names compute_loss and the top-k losses accept, declared with the configs that choose them.
@@ -77,12 +83,17 @@ def student_entropy(logits: Tensor, log_z: Tensor | None = None) -> Tensor:
     return log_z - torch.einsum("...v,...v->...", probs, logits)
 
 
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` over ``mask == True`` entries; 0 (still differentiable) if none."""
+def masked_mean(values: Tensor, mask: Tensor, count: Tensor | None = None) -> Tensor:
+    """Mean of ``values`` over ``mask == True`` entries; 0 (still differentiable) if none.
+
+    ``count`` replaces ``mask.sum()`` as the denominator: a chunk of a batch passes the batch's count,
+    so that the chunks' results add up to the batch's mean.
+    """
     mask = mask.to(torch.bool)
     total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    count = mask.sum() if count is None else count
     # clamp keeps an empty mask at 0/1 = 0 rather than 0/0 = NaN, and the graph stays attached.
-    return total / mask.sum().clamp_min(1).to(total.dtype)
+    return total / count.clamp_min(1).to(total.dtype)
 
 
 def select_tokens(scores: Tensor, mask: Tensor, fraction: float) -> Tensor:
@@ -101,9 +112,9 @@ def select_tokens(scores: Tensor, mask: Tensor, fraction: float) -> Tensor:
     return (rank < n_keep).view_as(mask) & mask
 
 
-def sft_loss(student_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Token-level cross-entropy on the given targets."""
-    return masked_mean(-student_logprobs, mask)
+def sft_loss(student_logprobs: Tensor, mask: Tensor, count: Tensor | None = None) -> Tensor:
+    """Token-level cross-entropy on the given targets (``count``: masked_mean's)."""
+    return masked_mean(-student_logprobs, mask, count)
 
 
 def _finite_teacher(teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
@@ -122,6 +133,7 @@ def sampled_token_opd_loss(
     behavior_logprobs: Tensor | None = None,
     importance_cap: float | None = None,
     baseline: Tensor | None = None,
+    count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sampled-token OPD (the paper's loss); returns ``(loss, clip_fraction)``.
 
@@ -137,6 +149,7 @@ def sampled_token_opd_loss(
     gradient grad log pi, so both forms have the gradient -mean(A * grad log pi), the single-sample
     estimate of grad KL(pi_theta || pi_T) when y ~ pi_theta, and the clip never bites.
     ``clip_fraction``: the fraction of masked tokens whose clipped term is the minimum (zero gradient).
+    ``count``: both means' denominator (masked_mean's).
     """
     if clip_eps is not None and clip_eps <= 0:
         raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps}")
@@ -158,13 +171,13 @@ def sampled_token_opd_loss(
         advantage = advantage * log_w.exp().clamp_max(importance_cap)
     advantage = torch.where(mask, advantage, zeros).detach()
     if clip_eps is None:
-        return -masked_mean(advantage * student, mask), zeros.sum()
+        return -masked_mean(advantage * student, mask, count), zeros.sum()
     old = student.detach() if old_logprobs is None else old_logprobs.detach().to(student.dtype)
     rho = torch.exp(torch.where(mask, student - old, zeros))
     unclipped = rho * advantage
     clipped = torch.clamp(rho, 1.0 - clip_eps, 1.0 + clip_eps) * advantage
-    clip_fraction = masked_mean((clipped < unclipped).to(student.dtype), mask).detach()
-    return -masked_mean(torch.minimum(unclipped, clipped), mask), clip_fraction
+    clip_fraction = masked_mean((clipped < unclipped).to(student.dtype), mask, count).detach()
+    return -masked_mean(torch.minimum(unclipped, clipped), mask, count), clip_fraction
 
 
 def generalized_jsd(teacher_logp: Tensor, student_logp: Tensor, beta: float) -> Tensor:
@@ -287,21 +300,138 @@ def topk_divergence_loss(
 
 
 @torch.no_grad()
-def reverse_kl_estimate(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Diagnostic single-sample estimate of KL(pi_theta || pi_T): mean(log pi - log pi_T)."""
+def reverse_kl_estimate(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor,
+                        count: Tensor | None = None) -> Tensor:
+    """Diagnostic single-sample estimate of KL(pi_theta || pi_T): mean(log pi - log pi_T) (``count``: masked_mean's)."""
     mask = mask.to(torch.bool)
     teacher = _finite_teacher(teacher_logprobs, mask)
-    return masked_mean(_f32(student_logprobs) - teacher, mask).detach()
+    return masked_mean(_f32(student_logprobs) - teacher, mask, count).detach()
 
 
 TOPK_BETA = {"topk_fkl": 0.0, "topk_rkl": 1.0}
 """beta of the fixed top-k terms; topk_jsd takes compute_loss's jsd_beta."""
 
 
+
+class _Student(NamedTuple):
+    """The student at a set of positions, all from its logits (divided by the temperature)."""
+
+    logits: Tensor
+    log_z: Tensor
+    logprobs: Tensor
+    """Of the targets, with a graph."""
+    entropy: Tensor
+    """Detached."""
+    topk_kl: Tensor | None
+    """Detached reverse KL on the teacher's top-k + rest bucket, where vopd or divergence selection needs it."""
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """compute_loss's name and options, checked once: the per-token math that both of its paths share."""
+
+    name: str
+    clip_eps: float | None
+    importance_cap: float | None
+    vopd: bool
+    jsd_beta: float
+    tail: str
+    token_fraction: float
+    token_select: str
+    temperature: float
+    sft_weight: float
+
+    def __post_init__(self):
+        if self.name not in LOSSES:
+            raise ValueError(f"unknown loss {self.name!r}; valid names: {', '.join(LOSSES)}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.token_select not in TOKEN_SELECTIONS:
+            raise ValueError(f"unknown token_select {self.token_select!r}; valid: {', '.join(TOKEN_SELECTIONS)}")
+        if self.vopd and "opd" not in self.terms:
+            raise ValueError(f"vopd is a baseline of the opd term; loss {self.name!r} has none")
+
+    @property
+    def terms(self) -> list[str]:
+        return self.name.split("+")
+
+    @property
+    def selects(self) -> bool:
+        return self.token_fraction < 1
+
+    @property
+    def needs_topk_kl(self) -> bool:
+        return self.vopd or (self.selects and self.token_select == "divergence")
+
+    def check_signals(self, signals: dict[str, Tensor | None]) -> None:
+        if "opd" in self.terms and signals["teacher_logprobs"] is None:
+            raise ValueError(f"loss {self.name!r} needs teacher_logprobs")
+        if self.needs_topk_kl or any(term.startswith("topk_") for term in self.terms):
+            for arg in ("teacher_topk_ids", "teacher_topk_logprobs"):
+                if signals[arg] is None:
+                    raise ValueError(f"loss {self.name!r} with these options needs {arg}")
+
+    def student(self, logits: Tensor, signals: dict[str, Tensor | None], mask: Tensor) -> _Student:
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        # One normaliser shared by every term: the float32 cast of bf16 logits is then
+        # made (and saved for backward) once, not once per loss.
+        log_z = _log_normalizer(logits)
+        topk_kl = None
+        if self.needs_topk_kl:
+            with torch.no_grad():
+                # rest_bucket: the one view in which the student's mass outside the teacher's k counts
+                # and the reverse KL stays finite; it is a lower bound of the exact KL_t.
+                topk_kl = _topk_divergence(logits, log_z, signals["teacher_topk_ids"], signals["teacher_topk_logprobs"],
+                                           mask, 1.0, "rest_bucket")
+        return _Student(logits, log_z, _gather_logprobs(logits, signals["targets"], log_z),
+                        student_entropy(logits, log_z), topk_kl)
+
+    def selection_scores(self, student: _Student) -> Tensor:
+        return student.entropy if self.token_select == "entropy" else student.topk_kl
+
+    def losses(self, student: _Student, signals: dict[str, Tensor | None], mask: Tensor, train_mask: Tensor,
+               n_mask: Tensor, n_train: Tensor) -> dict[str, Tensor]:
+        """compute_loss's dict at these positions; every mean divides by the batch's count (n_mask or n_train)."""
+        total = student.logits.new_zeros((), dtype=torch.float32)
+        out: dict[str, Tensor] = {}
+        teacher_lp = signals["teacher_logprobs"]
+        if "opd" in self.terms:
+            opd, out["clip_fraction"] = sampled_token_opd_loss(
+                student.logprobs, teacher_lp, train_mask, clip_eps=self.clip_eps,
+                old_logprobs=signals["old_logprobs"], behavior_logprobs=signals["behavior_logprobs"],
+                importance_cap=self.importance_cap, baseline=student.topk_kl if self.vopd else None, count=n_train,
+            )
+            total = total + opd
+            out["opd"] = opd.detach()
+        for term in self.terms:
+            if term.startswith("topk_"):
+                per_token = _topk_divergence(student.logits, student.log_z, signals["teacher_topk_ids"],
+                                             signals["teacher_topk_logprobs"], train_mask,
+                                             TOPK_BETA.get(term, self.jsd_beta), self.tail)
+                value = masked_mean(per_token, train_mask, n_train)
+                total = total + value
+                out[term] = value.detach()
+        if "sft" in self.terms or self.sft_weight > 0:
+            sft = sft_loss(student.logprobs, mask, n_mask)
+            total = total + (sft if self.name == "sft" else self.sft_weight * sft)
+            out["sft"] = sft.detach()
+        out["entropy"] = masked_mean(student.entropy, mask, n_mask)
+        if teacher_lp is not None:
+            out["reverse_kl"] = reverse_kl_estimate(student.logprobs, teacher_lp, mask, n_mask)
+        return {"loss": total, **out}
+
+
 def compute_loss(
     name: str,
     *,
-    student_logits: Tensor,
+    student_logits: Tensor | None = None,
+    hidden: Tensor | None = None,
+    lm_head_weight: Tensor | None = None,
+    lm_head_bias: Tensor | None = None,
+    chunk_size: int = 1024,
     targets: Tensor,
     mask: Tensor,
     old_logprobs: Tensor | None = None,
@@ -321,6 +451,13 @@ def compute_loss(
 ) -> dict[str, Tensor]:
     """The loss ``name`` (one of LOSSES; ``a+b`` sums terms a and b), with its options.
 
+    The student comes as ``student_logits`` ``[B, T, V]``, or as its final ``hidden`` states ``[B, T, H]``
+    and LM head (``lm_head_weight`` ``[V, H]``, optional ``lm_head_bias`` ``[V]``): then the logits of
+    ``chunk_size`` response (mask) positions at a time are computed, used and freed, and only the masked
+    positions' ever exist; their gradient is taken chunk by chunk during this call (_ChunkedLinearLoss),
+    so peak memory is about ``chunk_size * V``, whatever B * T. Same values and gradients (first order,
+    one backward pass per call).
+
     Returns ``{"loss": total, <term>: value, ..., "entropy": ..., ...}``; only ``"loss"`` carries a
     graph, the rest are detached, for logging: each term, ``"clip_fraction"`` (with the opd term),
     ``"entropy"`` (student, mean over response tokens) and ``"reverse_kl"`` (the sampled-token
@@ -333,69 +470,117 @@ def compute_loss(
     * topk terms: topk_divergence_loss with ``tail``; ``jsd_beta`` for topk_jsd.
     * ``token_fraction < 1``: the distillation terms train on that fraction of the response tokens
       (select_tokens) with the highest student entropy or (``token_select="divergence"``) top-k
-      reverse KL; the sft term and the diagnostics keep every response token.
+      reverse KL; the sft term and the diagnostics keep every response token. From hidden states
+      this takes one more pass over the chunks, without gradient, for the scores.
     * ``sft_weight > 0`` adds ``sft_weight * sft`` to a distillation loss; it is ignored for ``"sft"``.
     """
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
-    if sft_weight < 0:
-        raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if token_select not in TOKEN_SELECTIONS:
-        raise ValueError(f"unknown token_select {token_select!r}; valid: {', '.join(TOKEN_SELECTIONS)}")
-    terms = name.split("+")
-    select = token_fraction < 1
-    needs_topk_kl = vopd or (select and token_select == "divergence")
-    if vopd and "opd" not in terms:
-        raise ValueError(f"vopd is a baseline of the opd term; loss {name!r} has none")
-    if "opd" in terms and teacher_logprobs is None:
-        raise ValueError(f"loss {name!r} needs teacher_logprobs")
-    if needs_topk_kl or any(term.startswith("topk_") for term in terms):
-        for arg, value in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
-            if value is None:
-                raise ValueError(f"loss {name!r} with these options needs {arg}")
-
+    objective = _Objective(name, clip_eps, importance_cap, vopd, jsd_beta, tail, token_fraction, token_select,
+                           temperature, sft_weight)
+    signals = dict(targets=targets, old_logprobs=old_logprobs, behavior_logprobs=behavior_logprobs,
+                   teacher_logprobs=teacher_logprobs, teacher_topk_ids=teacher_topk_ids,
+                   teacher_topk_logprobs=teacher_topk_logprobs)
+    objective.check_signals(signals)
     mask = mask.to(torch.bool)
-    if temperature != 1.0:
-        student_logits = student_logits / temperature
-    # One normaliser shared by every term: the float32 cast of bf16 logits is then
-    # made (and saved for backward) once, not once per loss.
-    log_z = _log_normalizer(student_logits)
-    student_lp = _gather_logprobs(student_logits, targets, log_z)
-    entropy = student_entropy(student_logits, log_z)
-    topk_kl = None
-    if needs_topk_kl:
-        with torch.no_grad():
-            # rest_bucket: the one view in which the student's mass outside the teacher's k counts
-            # and the reverse KL stays finite; it is a lower bound of the exact KL_t.
-            topk_kl = _topk_divergence(student_logits, log_z, teacher_topk_ids, teacher_topk_logprobs, mask,
-                                       1.0, "rest_bucket")
+    if (student_logits is None) == (hidden is None or lm_head_weight is None):
+        raise ValueError("give student_logits, or hidden and lm_head_weight (not both)")
+    if student_logits is None:
+        return _chunked_loss(objective, signals, mask, hidden, lm_head_weight, lm_head_bias, chunk_size)
+    student = objective.student(student_logits, signals, mask)
     train_mask = mask
-    if select:
-        train_mask = select_tokens(entropy if token_select == "entropy" else topk_kl, mask, token_fraction)
+    if objective.selects:
+        train_mask = select_tokens(objective.selection_scores(student), mask, token_fraction)
+    return objective.losses(student, signals, mask, train_mask, mask.sum(), train_mask.sum())
 
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    out: dict[str, Tensor] = {}
-    if "opd" in terms:
-        opd, out["clip_fraction"] = sampled_token_opd_loss(
-            student_lp, teacher_logprobs, train_mask, clip_eps=clip_eps, old_logprobs=old_logprobs,
-            behavior_logprobs=behavior_logprobs, importance_cap=importance_cap, baseline=topk_kl if vopd else None,
-        )
-        total = total + opd
-        out["opd"] = opd.detach()
-    for term in terms:
-        if term.startswith("topk_"):
-            per_token = _topk_divergence(student_logits, log_z, teacher_topk_ids, teacher_topk_logprobs, train_mask,
-                                         TOPK_BETA.get(term, jsd_beta), tail)
-            value = masked_mean(per_token, train_mask)
-            total = total + value
-            out[term] = value.detach()
-    if "sft" in terms or sft_weight > 0:
-        sft = sft_loss(student_lp, mask)
-        total = total + (sft if name == "sft" else sft_weight * sft)
-        out["sft"] = sft.detach()
-    out["entropy"] = masked_mean(entropy, mask)
-    if teacher_logprobs is not None:
-        out["reverse_kl"] = reverse_kl_estimate(student_lp, teacher_logprobs, mask)
-    return {"loss": total, **out}
+
+def _chunked_loss(objective: _Objective, signals: dict[str, Tensor | None], mask: Tensor, hidden: Tensor,
+                  weight: Tensor, bias: Tensor | None, chunk_size: int) -> dict[str, Tensor]:
+    """compute_loss from hidden states: the masked positions' rows, ``chunk_size`` of them at a time."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rows = mask.flatten().nonzero().squeeze(1)
+    # [N] and [N, k] at the masked positions, in [B, T] order (select_tokens breaks ties by it).
+    at_rows = {key: None if value is None else value.flatten(0, mask.dim() - 1)[rows] for key, value in signals.items()}
+    everywhere = torch.ones_like(rows, dtype=torch.bool)
+    # An empty mask still runs one (empty) chunk, for the dict's keys and a loss of 0 with a zero gradient.
+    chunks = [slice(start, start + chunk_size) for start in range(0, max(len(rows), 1), chunk_size)]
+
+    def student_at(logits: Tensor, chunk: slice) -> tuple[_Student, dict[str, Tensor | None]]:
+        part = {key: None if value is None else value[chunk] for key, value in at_rows.items()}
+        return objective.student(logits, part, everywhere[chunk]), part
+
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    train = everywhere
+    if objective.selects:
+        with torch.no_grad():
+            scores = [objective.selection_scores(student_at(F.linear(flat[rows[chunk]], weight, bias), chunk)[0])
+                      for chunk in chunks]
+        train = select_tokens(torch.cat(scores), everywhere, objective.token_fraction)
+    n_mask, n_train = everywhere.sum(), train.sum()
+
+    def losses_at(logits: Tensor, chunk: slice) -> dict[str, Tensor]:
+        student, part = student_at(logits, chunk)
+        return objective.losses(student, part, everywhere[chunk], train[chunk], n_mask, n_train)
+
+    metrics: dict[str, Tensor] = {}
+    loss = _ChunkedLinearLoss.apply(hidden, weight, bias, rows, chunks, losses_at, torch.is_grad_enabled(), metrics)
+    return {"loss": loss, **metrics}
+
+
+def _add_product(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out += a @ b, the product in a and b's dtype (autocast's choice for the logits), then summed into out's."""
+    if a.dtype == b.dtype == out.dtype:
+        out.addmm_(a, b)  # no [V, H] temporary
+    else:
+        out += a @ b
+
+
+class _ChunkedLinearLoss(torch.autograd.Function):
+    """A loss of F.linear(hidden rows, weight, bias), one chunk of rows at a time, differentiated in the forward pass.
+
+    Each chunk's logits are a leaf: ``losses_at(logits, chunk)`` gives its share of the loss (every term is
+    a sum over tokens divided by the whole batch's count, so the shares add up exactly), autograd its
+    gradient w.r.t. those logits, and two products turn it into the chunk's gradients w.r.t. its hidden rows
+    and the head, as the backward of one big product would. So only one chunk's logits and their
+    gradient exist at a time, and nothing is recomputed: the backward pass scales the stored gradients
+    by the loss's incoming gradient (the loss is a scalar, its gradient linear in that factor), in place,
+    so a head-sized gradient exists once; hence one backward pass per forward (no retain_graph).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, chunks, losses_at, grad_enabled, metrics):
+        # ctx.needs_input_grad ignores torch.no_grad() here, hence grad_enabled.
+        needs = [grad_enabled and x is not None and x.requires_grad for x in (hidden, weight, bias)]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        grads = [torch.zeros_like(x) if need else None for x, need in zip((flat, weight, bias), needs)]
+        grad_flat, grad_weight, grad_bias = grads
+        totals: dict[str, Tensor] = {}
+        for chunk in chunks:
+            index = rows[chunk]
+            h = flat[index]
+            logits = F.linear(h, weight, bias).requires_grad_(any(needs))  # grad is off here: a fresh leaf
+            with torch.enable_grad():
+                out = losses_at(logits, chunk)
+                grad = torch.autograd.grad(out["loss"], logits, allow_unused=True)[0] if any(needs) else None
+            if grad is not None:
+                if grad_flat is not None:
+                    grad_flat[index] = (grad @ weight).to(grad_flat.dtype)
+                if grad_weight is not None:
+                    _add_product(grad_weight, grad.T, h)
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0)
+            for key, value in out.items():
+                totals[key] = totals[key] + value.detach() if key in totals else value.detach()
+        # Not save_for_backward: backward scales them in place, which its version check would refuse.
+        ctx.grads, ctx.hidden_shape = grads, hidden.shape
+        metrics.update((key, value) for key, value in totals.items() if key != "loss")
+        return totals["loss"]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the chunked loss's gradients were used by an earlier backward pass")
+        grad_flat, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        grad_hidden = None if grad_flat is None else grad_flat.view(ctx.hidden_shape)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None

@@ -6,16 +6,23 @@ accumulation and devices are Lightning's.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pipeline import losses
 from pipeline.config import OpdConfig, TrainConfig
 from pipeline.data import ShardedData
+
+log = logging.getLogger(__name__)
 
 
 class DistillModule(L.LightningModule):
@@ -27,8 +34,19 @@ class DistillModule(L.LightningModule):
         self._tokens, self._t0 = 0, None
 
     def training_step(self, batch, batch_idx):
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         cfg = self.cfg
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if cfg.loss_chunk_tokens:
+            # The loss makes the logits of loss_chunk_tokens response positions at a time: never [B, T, V].
+            config = self.model.config
+            if any(getattr(config, key, None) not in (None, 1.0)
+                   for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+                raise ValueError(f"{config.model_type} transforms its LM head's output: train with loss_chunk_tokens 0")
+            head = self.model.get_output_embeddings()
+            student = dict(hidden=self.model.base_model(**inputs).last_hidden_state, lm_head_weight=head.weight,
+                           lm_head_bias=head.bias, chunk_size=cfg.loss_chunk_tokens)
+        else:
+            student = dict(student_logits=self.model(**inputs).logits)
         topk_ids, topk_lp = batch.get("teacher_topk_ids"), batch.get("teacher_topk_logprobs")
         options = {}  # the SFT stages train with compute_loss's defaults
         if isinstance(cfg, OpdConfig):
@@ -48,7 +66,7 @@ class DistillModule(L.LightningModule):
         # out: the loss, each term, clip_fraction, entropy and reverse_kl, all logged below.
         out = losses.compute_loss(
             self.loss_name,
-            student_logits=logits,
+            **student,
             targets=batch["targets"],
             mask=batch["mask"],
             behavior_logprobs=batch.get("behavior_logprobs"),
@@ -82,28 +100,80 @@ class DistillModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def train(model, data: ShardedData, cfg: TrainConfig, log_dir: Path, loss: str = "sft"):
-    """Train `model` in place on `data` for `cfg.steps` optimizer steps; CSV logs go to `log_dir`."""
+def train(model, data: ShardedData, cfg: TrainConfig, log_dir: Path, loss: str = "sft",
+          checkpoint_dir: Path | None = None, fingerprint: dict | None = None):
+    """Train `model` in place on `data` for `cfg.steps` optimizer steps; CSV logs go to `log_dir`.
+
+    With `cfg.checkpoint_every` and a `checkpoint_dir`, Lightning saves `last.ckpt` there every N
+    steps and a rerun resumes from it exactly (weights, optimizer, schedule, position in the data),
+    but only if it was written for the same `fingerprint` (config and inputs); otherwise it is
+    deleted. The directory is removed once training completes.
+    """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    callbacks, resume_from = [], None
+    if cfg.checkpoint_every and checkpoint_dir is not None:
+        resume_from = _checkpoint_to_resume(Path(checkpoint_dir), fingerprint or {})
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every,
+                                         save_top_k=0, save_last=True))
     trainer = L.Trainer(
         max_steps=cfg.steps,
         accelerator="auto",
-        devices=1,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
         precision=precision,
         gradient_clip_val=cfg.grad_clip or None,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         logger=L.pytorch.loggers.CSVLogger(str(log_dir), name="", version=""),
         log_every_n_steps=min(10, cfg.steps),
-        enable_checkpointing=False,
+        callbacks=callbacks,
+        use_distributed_sampler=False,  # ShardBatchSampler gives each replica its own batches
+        enable_checkpointing=bool(callbacks),
         enable_model_summary=False,
         enable_progress_bar=True,
         deterministic=True,
     )
     module = DistillModule(model, cfg, loss)
     model.train()
-    trainer.fit(module, datamodule=data)
+    with warnings.catch_warnings():
+        # ShardedData resumes from the restored step count, which Lightning cannot see
+        warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     model.eval()
+    if callbacks and trainer.is_global_zero:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return trainer
+
+
+FINGERPRINT = "fingerprint.json"
+
+
+def checkpoint_dir_for(out: Path) -> Path:
+    """Where a training stage keeps its checkpoints: beside its output, which dvc deletes before a rerun."""
+    return Path(out).with_name(Path(out).name + ".checkpoints")
+
+
+def inputs_fingerprint(cfg: TrainConfig, weights_sha256: str, data_dirs: list[Path]) -> dict:
+    """What a checkpoint must match to be resumed: the config, the starting weights, the data shards."""
+    from pipeline import shards
+
+    return {"config": vars(cfg), "weights": weights_sha256,
+            "data": [shards.file_sha256(path) for d in data_dirs for path in shards.list_shards(d)]}
+
+
+def _checkpoint_to_resume(checkpoint_dir: Path, fingerprint: dict) -> str | None:
+    """`last.ckpt` if it was written for this fingerprint; a stale checkpoint directory is deleted."""
+    recorded = checkpoint_dir / FINGERPRINT
+    wanted = json.dumps(fingerprint, sort_keys=True, default=str)
+    if checkpoint_dir.exists() and (not recorded.exists() or recorded.read_text() != wanted):
+        log.warning("%s: checkpoints of another configuration or input; deleting them", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(wanted)
+    last = checkpoint_dir / "last.ckpt"
+    if last.exists():
+        log.info("%s: resuming from its last checkpoint", last)
+        return str(last)
+    return None

@@ -111,7 +111,8 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
     model = models.load_model(sft_model)
     tokenizer = models.load_tokenizer(sft_model)
     batches = data.ShardedData(rows, lengths, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
-    training.train(model, batches, cfg, out / "logs", loss=cfg.loss)
+    training.train(model, batches, cfg, out / "logs", loss=cfg.loss, checkpoint_dir=training.checkpoint_dir_for(out),
+                   fingerprint=training.inputs_fingerprint(cfg, models.weights_hash(sft_model), [rollouts_dir, cache_dir]))
     models.save_model(model, tokenizer, out)
     models.write_provenance(
         out,

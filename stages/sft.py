@@ -21,7 +21,9 @@ def run(cfg: TrainConfig, models_dir: Path, sft_data: Path, out: Path) -> Path:
     model = models.load_model(student["path"])
     tokenizer = models.load_tokenizer(student["path"])
     rows = table.select(["prompt_ids", "response_ids"]).to_pylist()
-    training.train(model, data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed), cfg, out / "logs")
+    batches = data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
+    training.train(model, batches, cfg, out / "logs", checkpoint_dir=training.checkpoint_dir_for(out),
+                   fingerprint=training.inputs_fingerprint(cfg, student["weights_sha256"], [sft_data]))
     models.save_model(model, tokenizer, out)
     models.write_provenance(
         out,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.data import collate
@@ -63,3 +64,104 @@ def test_opd_training_logs_every_term_per_step(tmp_path):
     for key in ("loss", "opd", "topk_fkl", "clip_fraction", "entropy", "reverse_kl", "tokens_per_s"):
         assert all(math.isfinite(float(row[f"train/{key}"])) for row in logged), key
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _toy_opd_rows(vocab, k=4, n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {"prompt_ids": rng.integers(3, vocab, 5), "response_ids": rng.integers(3, vocab, r),
+         "behavior_logprobs": -rng.random(r).astype(np.float32), "teacher_logprobs": -rng.random(r).astype(np.float32),
+         "teacher_topk_ids": rng.integers(0, vocab, (r, k)).astype(np.int32),
+         "teacher_topk_logprobs": np.sort(-rng.exponential(1.0, (r, k)), axis=1)[:, ::-1].astype(np.float16)}
+        for r in rng.integers(1, 6, n)
+    ]
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """16 rows in batches of 4: a checkpoint at step 3 is mid-epoch. A crash at step 5, then a rerun:
+    the final weights equal those of one uninterrupted 6-step run, bit for bit."""
+    from pipeline import data, models, toy_task, training
+    from pipeline.config import OpdConfig, ToyModelConfig
+
+    tokenizer = toy_task.build_tokenizer()
+    rows = _toy_opd_rows(len(tokenizer))
+    cfg = OpdConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=2, loss="opd+topk_fkl", checkpoint_every=3)
+
+    def run(checkpoints):
+        model = models.build_toy_model(ToyModelConfig(64, 1, 64, 1), tokenizer, seed=0)
+        batches = data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
+        training.train(model, batches, cfg, tmp_path / "logs", loss=cfg.loss, checkpoint_dir=checkpoints,
+                       fingerprint={"run": 1})
+        return [p.detach().clone() for p in model.parameters()]
+
+    reference = run(tmp_path / "uninterrupted")
+    assert not (tmp_path / "uninterrupted").exists()  # removed once training completed
+
+    step = training.DistillModule.training_step
+
+    def crash_at_step_5(self, batch, batch_idx):
+        if self.global_step == 4:
+            raise RuntimeError("simulated crash")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(training.DistillModule, "training_step", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    monkeypatch.setattr(training.DistillModule, "training_step", step)
+    resumed = run(tmp_path / "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(reference, resumed))
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
+    from pipeline import training
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "last.ckpt").write_text("stale")
+    (tmp_path / "ckpt" / training.FINGERPRINT).write_text('{"run": 0}')
+    assert training._checkpoint_to_resume(tmp_path / "ckpt", {"run": 1}) is None
+    assert not (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+DDP_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from pipeline import data, models, toy_task, training
+from pipeline.config import OpdConfig, ToyModelConfig
+from tests.test_training import _toy_opd_rows
+
+out = Path(sys.argv[1])
+tokenizer = toy_task.build_tokenizer()
+rows = _toy_opd_rows(len(tokenizer))
+cfg = OpdConfig(steps=3, batch_size=2, lr=1e-2, loss="opd+topk_fkl", strategy="ddp", devices=2)
+model = models.build_toy_model(ToyModelConfig(64, 1, 64, 1), tokenizer, seed=0)
+trainer = training.train(model, data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed), cfg,
+                         out / "logs", loss=cfg.loss)
+torch.save({"world": trainer.world_size, "weights": model.state_dict()}, out / f"rank{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_trains_one_model(tmp_path):
+    """Lightning DDP, 2 processes on the CPU (gloo): each rank trains on its own batches and both
+    end with the same weights, changed from the initial ones."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline import models, toy_task
+    from pipeline.config import ToyModelConfig
+    from tests.conftest import ROOT
+
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    initial = models.build_toy_model(ToyModelConfig(64, 1, 64, 1), toy_task.build_tokenizer(), seed=0).state_dict()
+    for name, value in ranks[0]["weights"].items():
+        assert torch.equal(value, ranks[1]["weights"][name]), name
+    assert any(not torch.equal(v, initial[n]) for n, v in ranks[0]["weights"].items())
