@@ -75,12 +75,13 @@ def student_entropy(logits: Tensor, log_z: Tensor | None = None) -> Tensor:
     """Entropy of softmax(logits) over the full vocabulary, ``[B, T]``; no graph (a diagnostic and a score).
 
     H = log Z - sum_v p_v z_v: one ``[B, T, V]`` probability tensor (plus the float32 copy of
-    half-precision logits), freed on return.
+    half-precision logits), freed on return. Elementwise in float32, not a matmul: autocast would run
+    that in bf16, and at B*T*V beyond 2^31 cuBLAS refuses it (seen on an H200 at T = 16,384).
     """
     logits = _f32(logits)
     log_z = _log_normalizer(logits) if log_z is None else log_z.detach()
     probs = (logits - log_z.unsqueeze(-1)).exp_()
-    return log_z - torch.einsum("...v,...v->...", probs, logits)
+    return log_z - probs.mul_(logits).sum(-1)
 
 
 def masked_mean(values: Tensor, mask: Tensor, count: Tensor | None = None) -> Tensor:

@@ -111,6 +111,15 @@ def test_student_entropy_is_minus_sum_p_log_p(gen):
     assert low.dtype == torch.float32 and torch.allclose(low, got.float(), atol=0.05)
 
 
+def test_student_entropy_stays_float32_under_autocast(gen):
+    """Under bf16 autocast (Lightning's bf16-mixed) the entropy must not drop to a bf16 matmul."""
+    logits = torch.randn(4, 8, 1000, generator=gen) * 3
+    exact = student_entropy(logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = student_entropy(logits)
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, exact, atol=1e-4)
+
+
 # --- generalized JSD and the top-k losses -------------------------------------------------------
 
 
