@@ -70,8 +70,11 @@ def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 
         lengths.extend(pc.add(pc.list_value_length(rollouts["prompt_ids"]),
                               pc.list_value_length(rollouts["response_ids"])).to_pylist())
         cache_provenance = cache_provenance or provenance
-    pairs = list(zip(rollout_paths, cache_paths))
-    dataset = data.ShardedRows(sizes, lambda i: shard_rows(*_read_pair(*pairs[i])[:2]), max_shards_in_memory)
+    def load(i: int) -> list[dict]:  # checked above: while training, a shard is only read again
+        return shard_rows(shards.read_shard(rollout_paths[i], rollouts_schema)[0],
+                          shards.read_shard(cache_paths[i], teacher_cache)[0])
+
+    dataset = data.ShardedRows(sizes, load, max_shards_in_memory)
     return dataset, lengths, cache_provenance
 
 
