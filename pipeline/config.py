@@ -87,6 +87,11 @@ class TrainConfig:
         _positive(self, "steps", "batch_size", "lr", "accumulate_grad_batches")
         if self.loss_chunk_tokens < 0:
             raise ConfigError(f"loss_chunk_tokens must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
+        if "fsdp" in self.strategy.lower() and self.loss_chunk_tokens:
+            raise ConfigError(
+                f"strategy {self.strategy!r} shards the LM head, which the chunked loss reads as a whole. "
+                f"Fix: set loss_chunk_tokens: 0 in this section (full logits; mind B x T x V memory), or use ddp."
+            )
 
 
 @dataclass
@@ -151,6 +156,8 @@ TAILS = ("renorm_teacher", "renorm_both", "rest_bucket")
 """How the top-k losses treat the mass outside the teacher's k (pipeline.losses.topk_divergence_loss)."""
 TOKEN_SELECTIONS = ("entropy", "divergence")
 """Scores by which pipeline.losses.compute_loss keeps a fraction of the response tokens."""
+CLIP_AGAINST = ("current", "behavior")
+"""What the opd term's PPO ratio divides by (OpdConfig.clip_against)."""
 
 
 @dataclass
@@ -192,6 +199,9 @@ class OpdConfig(TrainConfig):
     """One of LOSSES: sft, opd (sampled-token, the paper's), topk_fkl, topk_rkl, topk_jsd, or opd+ a topk_* term."""
     clip_eps: float | None = 0.2
     """PPO clip of the opd term's ratio pi_theta/pi_old (null: REINFORCE form; with one update per batch rho = 1)."""
+    clip_against: str = "current"
+    """pi_old of the PPO ratio: current (the student before this update; with one update per batch rho = 1 and the
+    clip never bites) or behavior (the policy that sampled the rollouts: a trust region around the data)."""
     importance_cap: float | None = None
     """Truncated importance weight min(pi_theta/mu, c) on the opd term, mu = the rollouts' policy (null disables)."""
     vopd: bool = False
@@ -217,7 +227,8 @@ class OpdConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, valid in (("loss", LOSSES), ("topk_tail", TAILS), ("token_select", TOKEN_SELECTIONS)):
+        for name, valid in (("loss", LOSSES), ("topk_tail", TAILS), ("token_select", TOKEN_SELECTIONS),
+                            ("clip_against", CLIP_AGAINST)):
             if getattr(self, name) not in valid:
                 raise ConfigError(f"opd.{name} must be one of {valid}, got {getattr(self, name)!r}")
         for name in ("clip_eps", "importance_cap"):
@@ -235,6 +246,11 @@ class OpdConfig(TrainConfig):
         terms = self.loss.split("+")
         if (self.vopd or self.importance_cap is not None) and "opd" not in terms:
             raise ConfigError(f"opd.vopd and opd.importance_cap act on the opd term, which loss {self.loss!r} lacks")
+        if self.clip_against == "behavior" and (self.clip_eps is None or self.importance_cap is not None):
+            raise ConfigError(
+                "opd.clip_against behavior makes the PPO ratio pi_theta/mu the off-policy weight: it needs clip_eps "
+                "and excludes importance_cap (which would weight by pi_theta/mu a second time)"
+            )
         if self.topk_tail == "renorm_teacher" and ("topk_rkl" in terms or ("topk_jsd" in terms and self.jsd_beta == 1)):
             raise ConfigError(
                 "opd.topk_tail renorm_teacher makes the reverse KL (topk_rkl, or topk_jsd at jsd_beta 1) infinite "

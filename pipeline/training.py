@@ -54,6 +54,7 @@ class DistillModule(L.LightningModule):
                 topk_ids, topk_lp = topk_ids[..., : cfg.top_k], topk_lp[..., : cfg.top_k]
             options = dict(
                 clip_eps=cfg.clip_eps,
+                old_logprobs=batch.get("behavior_logprobs") if cfg.clip_against == "behavior" else None,
                 importance_cap=cfg.importance_cap,
                 vopd=cfg.vopd,
                 jsd_beta=cfg.jsd_beta,

@@ -658,10 +658,15 @@ def test_opd_config_validates_every_loss_option():
         ({"loss": "topk_fkl", "vopd": True}, r"opd.vopd and opd.importance_cap act on the opd term"),
         ({"loss": "opd+topk_rkl"}, r"opd.topk_tail renorm_teacher .* use renorm_both or rest_bucket"),
         ({"loss": "topk_jsd", "jsd_beta": 1}, r"opd.topk_tail renorm_teacher"),
+        ({"clip_against": "mu"}, r"opd.clip_against must be one of \('current', 'behavior'\)"),
+        ({"clip_against": "behavior", "clip_eps": None}, r"clip_against behavior .* needs clip_eps"),
+        ({"clip_against": "behavior", "importance_cap": 2.0}, r"excludes importance_cap"),
+        ({"strategy": "fsdp"}, r"strategy 'fsdp' shards the LM head.* loss_chunk_tokens: 0"),
     ]
     for params, message in bad:
         with pytest.raises(ConfigError, match=message):
             from_dict(OpdConfig, params, "opd")
+    assert from_dict(OpdConfig, {"strategy": "fsdp", "loss_chunk_tokens": 0}, "opd").strategy == "fsdp"
 
 
 # --- from hidden states: the logits a chunk of positions at a time -------------------------------

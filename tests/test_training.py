@@ -35,9 +35,12 @@ def test_collate_pads_short_rows_on_the_right():
     assert batch["mask"][0].tolist() == [False, True, False, False, False]
 
 
-def test_opd_training_logs_every_term_per_step(tmp_path):
+@pytest.mark.parametrize("clip_against", ["current", "behavior"])
+def test_opd_training_logs_every_term_per_step(tmp_path, clip_against):
     """A real Lightning run of the OPD module on in-memory rows: the CSV log has each loss term, the
-    reverse-KL estimate, student entropy, clip fraction and tokens/s at every logged step."""
+    reverse-KL estimate, student entropy, clip fraction and tokens/s at every logged step. Against the
+    current student the PPO ratio is 1 and never clipped; against behaviour log-probs far below the
+    student's (rho >> 1) and a teacher above them (A > 0), it is."""
     import csv
     import math
 
@@ -47,22 +50,16 @@ def test_opd_training_logs_every_term_per_step(tmp_path):
     tokenizer = toy_task.build_tokenizer()
     model = models.build_toy_model(ToyModelConfig(64, 1, 64, 1), tokenizer, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
-    rng = np.random.default_rng(0)
-    vocab, k = len(tokenizer), 4
-    rows = [
-        {"prompt_ids": rng.integers(3, vocab, 5), "response_ids": rng.integers(3, vocab, r),
-         "behavior_logprobs": -rng.random(r).astype(np.float32), "teacher_logprobs": -rng.random(r).astype(np.float32),
-         "teacher_topk_ids": rng.integers(0, vocab, (r, k)).astype(np.int32),
-         "teacher_topk_logprobs": np.sort(-rng.exponential(1.0, (r, k)), axis=1)[:, ::-1].astype(np.float16)}
-        for r in rng.integers(1, 6, 16)
-    ]
-    cfg = OpdConfig(steps=4, batch_size=4, lr=1e-2, loss="opd+topk_fkl")
+    rows = [{**row, "behavior_logprobs": row["behavior_logprobs"] - 10} for row in _toy_opd_rows(len(tokenizer))]
+    cfg = OpdConfig(steps=4, batch_size=4, lr=1e-2, loss="opd+topk_fkl", clip_against=clip_against)
     training.train(model, data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed), cfg, tmp_path, loss=cfg.loss)
     with open(tmp_path / "metrics.csv") as f:
         logged = [row for row in csv.DictReader(f) if row["train/loss"]]
     assert logged, "nothing was logged"
     for key in ("loss", "opd", "topk_fkl", "clip_fraction", "entropy", "reverse_kl", "tokens_per_s"):
         assert all(math.isfinite(float(row[f"train/{key}"])) for row in logged), key
+    clip_fractions = [float(row["train/clip_fraction"]) for row in logged]
+    assert max(clip_fractions) > 0 if clip_against == "behavior" else max(clip_fractions) == 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
