@@ -224,6 +224,9 @@ class OpdConfig(TrainConfig):
     """Train even if the cache's teacher is not the one that wrote the SFT data (biased; recorded)."""
     max_shards_in_memory: int = 8
     """Rollout + cache shard pairs held in memory while training (the rest are read when their turn comes)."""
+    refresh_every: int = 0
+    """Optimizer steps between online refreshes, where the current student samples the next prompts and the
+    teacher scores them (0: never, pure offline OPD; 1: standard online OPD)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -243,6 +246,11 @@ class OpdConfig(TrainConfig):
         if self.sft_weight < 0:
             raise ConfigError(f"opd.sft_weight must be >= 0, got {self.sft_weight}")
         _positive(self, "max_shards_in_memory")
+        if self.refresh_every < 0:
+            raise ConfigError(f"opd.refresh_every must be >= 0 (0: never), got {self.refresh_every}")
+        if self.refresh_every and self.devices > 1:
+            raise ConfigError("opd.refresh_every runs rollouts and scoring inside training, on one device for now: "
+                              "set opd.devices: 1, or refresh_every: 0 and scale the offline stages with --shard")
         terms = self.loss.split("+")
         if (self.vopd or self.importance_cap is not None) and "opd" not in terms:
             raise ConfigError(f"opd.vopd and opd.importance_cap act on the opd term, which loss {self.loss!r} lacks")

@@ -121,16 +121,19 @@ class ShardedData(L.LightningDataModule):
     """The training DataModule: ShardedRows batched by ShardBatchSampler, collated, one replica's
     share of the batches under DDP."""
 
-    def __init__(self, rows: ShardedRows, lengths: list[int], batch_size: int, pad_id: int, seed: int):
+    def __init__(self, rows: ShardedRows, lengths: list[int], batch_size: int, pad_id: int, seed: int,
+                 start_step: int = 0):
+        """`start_step`: the optimizer step at which training on these rows begins (an OPD refresh round)."""
         super().__init__()
         self.rows, self.lengths, self.batch_size, self.pad_id, self.seed = rows, lengths, batch_size, pad_id, seed
+        self.start_step = start_step
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ShardBatchSampler(self.lengths, self.rows.shard_sizes, self.batch_size, self.seed, replicas, rank)
-        if trainer is not None and trainer.global_step:  # restored from a checkpoint: skip what it trained on
-            sampler.resume_at(trainer.global_step * trainer.accumulate_grad_batches)
+        if trainer is not None and trainer.global_step > self.start_step:  # restored mid-way: skip what it trained on
+            sampler.resume_at((trainer.global_step - self.start_step) * trainer.accumulate_grad_batches)
         return DataLoader(self.rows, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=self.pad_id))
 
 

@@ -1,25 +1,40 @@
 """Offline on-policy distillation: train the SFT student against the cached teacher signal only.
 
-    python -m stages.opd --params params.yaml --sft-model models/sft --rollouts data/rollouts --teacher-cache data/teacher_cache --out models/opd
+    python -m stages.opd --params params.yaml --sft-model models/sft --rollouts data/rollouts --teacher-cache data/teacher_cache --models models/base --prompts data/prompts --rounds data/opd_rounds --out models/opd
 
 No teacher is loaded: the loss (opd.loss) uses the teacher log-probs and top-k stored by the
-teacher_logprobs stage. Training refuses a cache scored by another teacher than the one that wrote
+teacher_logprobs stage. With `opd.refresh_every: N` training runs in rounds of N optimizer steps:
+round 0 trains on that offline cache; before each later round the current student samples the next
+prompts and the teacher scores them (the rollouts and teacher_logprobs stages' code and params), the
+new shards are written under `--rounds` as `round-<r>/{rollouts,teacher_cache}` with full
+provenance, and training moves on to them. N = 1 is standard online OPD. A killed run resumes from
+the last finished round (or the last checkpoint) and writes exactly what an uninterrupted run does. Training refuses a cache scored by another teacher than the one that wrote
 the SFT data (the paper's teacher-consistency condition), a teacher whose tokenizer differs from the
 student's, a cache of other rollouts, and a top_k above the cache's k.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 import pyarrow.compute as pc
 
 from data_schemas import SchemaError, teacher_cache
 from data_schemas import rollouts as rollouts_schema
-from pipeline import cli, data, models, shards, training
-from pipeline.config import ConfigError, OpdConfig, load_section
+from pipeline import cli, data, engines, models, shards, training
+from pipeline.config import (ConfigError, EngineConfig, OpdConfig, SamplingConfig, TeacherLogprobsConfig,
+                             load_section)
+from stages import rollouts as rollouts_stage
+from stages import teacher_logprobs as teacher_stage
+from stages.prompts import read_split
 
 log = logging.getLogger("opd")
 
@@ -107,16 +122,116 @@ def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: di
         )
 
 
-def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, out: Path) -> Path:
+@dataclass
+class Refresh:
+    """What refresh rounds (opd.refresh_every > 0) need besides the offline inputs."""
+
+    rollouts: SamplingConfig
+    teacher_logprobs: TeacherLogprobsConfig
+    engine: EngineConfig
+    models_dir: Path
+    prompts_dir: Path
+
+
+ROUNDS_MANIFEST = "rounds.json"
+
+
+def round_prompts(prompts: list[dict], round_: int, count: int) -> list[dict]:
+    """Round r >= 1 samples the next `count` prompts, cycling through the opd split (round 0 is the
+    offline cache, which covers all of it)."""
+    count = min(count, len(prompts))
+    start = (round_ - 1) * count
+    return [prompts[(start + i) % len(prompts)] for i in range(count)]
+
+
+class _Rounds:
+    """Writes the data of refresh rounds: the current student samples, the teacher scores."""
+
+    def __init__(self, cfg: OpdConfig, refresh: Refresh, rounds_dir: Path):
+        self.cfg, self.refresh, self.dir = cfg, refresh, rounds_dir
+        self.prompts = read_split(refresh.prompts_dir, "opd")
+        samples = cfg.refresh_every * cfg.batch_size * cfg.accumulate_grad_batches * cfg.devices
+        self.per_round = math.ceil(samples / refresh.rollouts.n)
+        self.teacher = None  # loaded once, kept for every round
+        self.seconds = {"rollouts_s": 0.0, "scoring_s": 0.0}
+
+    def dirs(self, round_: int) -> tuple[Path, Path]:
+        return self.dir / f"round-{round_:03d}" / "rollouts", self.dir / f"round-{round_:03d}" / "teacher_cache"
+
+    def write(self, round_: int, student, tokenizer, step: int) -> tuple[Path, Path]:
+        """Round `round_`'s rollouts from `student` (the weights at optimizer step `step`) and their scores;
+        finished shards of an interrupted earlier attempt are kept."""
+        rollouts_dir, cache_dir = self.dirs(round_)
+        refresh = self.refresh
+        start = time.perf_counter()
+        # The policy is saved as a model directory so that any engine samples it and the rollouts
+        # record its weights hash; it is deleted after (its weights are the checkpoint's).
+        policy = self.dir / f"round-{round_:03d}" / f"student-step-{step:06d}"
+        shutil.rmtree(policy, ignore_errors=True)
+        models.save_model(student, tokenizer, policy)
+        rollouts_stage.run(refresh.rollouts, refresh.engine, policy, refresh.prompts_dir, rollouts_dir, round_=round_,
+                           replace_stale=True, prompts=round_prompts(self.prompts, round_, self.per_round))
+        shutil.rmtree(policy)
+        self.seconds["rollouts_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        if self.teacher is None:
+            teacher = models.read_manifest(refresh.models_dir)["teacher"]
+            self.teacher = engines.load_engine(teacher["path"], refresh.engine, refresh.teacher_logprobs.top_k)
+        teacher_stage.run(refresh.teacher_logprobs, refresh.engine, refresh.models_dir, rollouts_dir, cache_dir,
+                          replace_stale=True, engine=self.teacher)
+        self.seconds["scoring_s"] += time.perf_counter() - start
+        return rollouts_dir, cache_dir
+
+    def close(self) -> None:
+        if self.teacher is not None:
+            self.teacher.close()
+
+
+def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, out: Path,
+        rounds_dir: Path | None = None, refresh: Refresh | None = None) -> Path:
+    if cfg.refresh_every and (refresh is None or rounds_dir is None):
+        raise ConfigError("opd.refresh_every needs --models, --prompts and --rounds (see dvc.yaml's opd stage)")
     sft_provenance = models.read_provenance(sft_model)
-    rows, lengths, cache_provenance = open_cache(rollouts_dir, cache_dir, cfg.max_shards_in_memory)
-    check_consistency(cfg, sft_provenance, cache_provenance)
     model = models.load_model(sft_model)
     tokenizer = models.load_tokenizer(sft_model)
-    batches = data.ShardedData(rows, lengths, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
-    training.train(model, batches, cfg, out / "logs", loss=cfg.loss, checkpoint_dir=training.checkpoint_dir_for(out),
-                   fingerprint=training.inputs_fingerprint(cfg, models.weights_hash(sft_model), [rollouts_dir, cache_dir]))
+    checkpoints = training.checkpoint_dir_for(out)
+    fingerprint = training.inputs_fingerprint(cfg, models.weights_hash(sft_model), [rollouts_dir, cache_dir])
+    steps_per_round = cfg.refresh_every or cfg.steps
+    num_rounds = math.ceil(cfg.steps / steps_per_round)
+    rounds = _Rounds(cfg, refresh, rounds_dir) if cfg.refresh_every else None
+    if rounds_dir is not None:
+        _remove_rounds_beyond(rounds_dir, num_rounds)
+    record, training_s, rows = [], 0.0, 0
+    for round_ in range(num_rounds):
+        start_step, end_step = round_ * steps_per_round, min((round_ + 1) * steps_per_round, cfg.steps)
+        if round_ == 0:
+            data_dirs = rollouts_dir, cache_dir
+        elif training.checkpointed_step(checkpoints) > start_step:
+            data_dirs = rounds.dirs(round_)  # written before this round's training began
+        else:
+            _load_checkpointed_weights(model, checkpoints)
+            data_dirs = rounds.write(round_, model, tokenizer, start_step)
+        round_rows, lengths, cache_provenance = open_cache(*data_dirs, cfg.max_shards_in_memory)
+        check_consistency(cfg, sft_provenance, cache_provenance)
+        record.append({"round": round_, "steps": [start_step, end_step], "rows": len(round_rows),
+                       "rollouts": str(data_dirs[0]), "teacher_cache": str(data_dirs[1])})
+        rows += len(round_rows)
+        if training.checkpointed_step(checkpoints) >= end_step:
+            continue  # this round finished before an interruption
+        start = time.perf_counter()
+        batches = data.ShardedData(round_rows, lengths, cfg.batch_size, tokenizer.pad_token_id, cfg.seed, start_step)
+        training.train(model, batches, cfg, out / "logs", loss=cfg.loss, checkpoint_dir=checkpoints,
+                       fingerprint=fingerprint, until_step=end_step)
+        training_s += time.perf_counter() - start
+    if rounds is not None:
+        rounds.close()
     models.save_model(model, tokenizer, out)
+    timings = {"training_s": training_s, **(rounds.seconds if rounds else {"rollouts_s": 0.0, "scoring_s": 0.0})}
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    if rounds_dir is not None:
+        rounds_dir.mkdir(parents=True, exist_ok=True)
+        (rounds_dir / ROUNDS_MANIFEST).write_text(json.dumps({"refresh_every": cfg.refresh_every, "rounds": record},
+                                                             indent=2) + "\n")
     models.write_provenance(
         out,
         {
@@ -125,16 +240,37 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
             "sft_data_teacher": sft_provenance["sft_data_teacher"],
             "cache_teacher": cache_provenance["teacher"],
             "teacher_mismatch_allowed": cfg.allow_teacher_mismatch,
+            "rounds": len(record),
             "config": vars(cfg),
         },
     )
-    log.info("%s: OPD student trained on %d rollouts for %d steps (loss %s)", out, len(rows), cfg.steps, cfg.loss)
+    log.info("%s: OPD student trained on %d rollouts in %d round(s), %d steps (loss %s)", out, rows, len(record),
+             cfg.steps, cfg.loss)
     return out
 
 
+def _load_checkpointed_weights(model, checkpoints: Path) -> None:
+    """Put the checkpoint's weights into `model` (a rerun samples a round from the student of the
+    interrupted run, not from the SFT student it starts with)."""
+    last = checkpoints / "last.ckpt"
+    if last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()})
+
+
+def _remove_rounds_beyond(rounds_dir: Path, num_rounds: int) -> None:
+    """Round directories a run with more rounds left behind (dvc keeps this persistent output in place)."""
+    for path in sorted(rounds_dir.glob("round-*")):
+        if int(path.name.split("-")[1]) >= num_rounds:
+            shutil.rmtree(path)
+
+
 def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "sft_model", "rollouts", "teacher_cache", "out")
-    run(load_section("opd", args.params), args.sft_model, args.rollouts, args.teacher_cache, args.out)
+    args = cli.stage_args(__doc__, argv, "sft_model", "rollouts", "teacher_cache", "models", "prompts", "rounds", "out")
+    params = args.params
+    refresh = Refresh(load_section("rollouts", params), load_section("teacher_logprobs", params),
+                      load_section("engine", params), args.models, args.prompts)
+    run(load_section("opd", params), args.sft_model, args.rollouts, args.teacher_cache, args.out, args.rounds, refresh)
 
 
 if __name__ == "__main__":

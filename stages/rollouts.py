@@ -23,9 +23,15 @@ from stages.prompts import read_split
 log = logging.getLogger("rollouts")
 
 
+SEED_STRIDE = 1_000_000
+"""Shard i of round r samples with seed `rollouts.seed + r * SEED_STRIDE + i`: rounds never share a seed."""
+
+
 def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts_dir: Path, out: Path,
-        round_: int = 0, worker: tuple[int, int] = (0, 1), replace_stale: bool = False) -> int:
-    prompts = read_split(prompts_dir, "opd")
+        round_: int = 0, worker: tuple[int, int] = (0, 1), replace_stale: bool = False,
+        prompts: list[dict] | None = None) -> int:
+    """Sample `prompts` (default: the opd split of `prompts_dir`) into shards under `out`."""
+    prompts = read_split(prompts_dir, "opd") if prompts is None else prompts
     tokenizer = models.load_tokenizer(policy_dir)
     engine = None
     provenance = {
@@ -43,7 +49,7 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
         engine = engine or engines.load_engine(policy_dir, engine_cfg)  # only if a shard is missing
         chunk = prompts[rows]
         prompt_ids = [models.encode_prompt(tokenizer, r["prompt"]) for r in chunk]
-        gens = engine.generate(prompt_ids, cfg, seed=cfg.seed + index)
+        gens = engine.generate(prompt_ids, cfg, seed=cfg.seed + round_ * SEED_STRIDE + index)
         return pa.table(
             {
                 "prompt_id": [chunk[g.prompt_index]["prompt_id"] for g in gens],
@@ -58,6 +64,8 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
 
     written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, rollouts_schema, provenance, worker,
                                  replace_stale)
+    if engine is not None:
+        engine.close()
     log.info("%s: %d shards written (%d prompts x %d samples)", out, written, len(prompts), cfg.n)
     return written
 

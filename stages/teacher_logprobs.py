@@ -46,7 +46,9 @@ def scores_table(rollouts: pa.Table, scores: list[engines.Scores], k: int) -> pa
 
 
 def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, rollouts_dir: Path, out: Path,
-        worker: tuple[int, int] = (0, 1), replace_stale: bool = False) -> int:
+        worker: tuple[int, int] = (0, 1), replace_stale: bool = False, engine=None) -> int:
+    """Score every rollout shard of `rollouts_dir` into `out`; `engine`: the teacher's, already loaded
+    (OPD refresh rounds keep it), else loaded here if a shard is missing."""
     teacher = models.read_manifest(models_dir)["teacher"]
     rollout_paths = shards.list_shards(rollouts_dir)
     if not rollout_paths:
@@ -57,7 +59,7 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
                 f"{shards.shard_path(rollouts_dir, index)} is missing: the rollouts are incomplete. "
                 f"Fix: finish the rollouts stage (every --shard worker) before scoring."
             )
-    engine, code = None, cli.code_sha256("teacher_logprobs")
+    code = cli.code_sha256("teacher_logprobs")
 
     def provenance(index: int) -> dict:
         return {
