@@ -6,11 +6,17 @@ Each seed gets its own output tree under --root and its own params file: the giv
 training and sampling seed set to the seed (the prompts, `task.seed`, stay fixed, so every seed is
 evaluated on the same held-out prompts). Same commands as `dvc repro`, so the numbers are the
 pipeline's numbers.
+
+A stage that finished is marked in <root>/seed<N>/.done/<stage> with its command line, the sha256
+of its params file, a digest of the stages before it and its wall time; a rerun skips the stages
+whose mark still matches, so other bench scripts (bench/teacher_consistency.py) reuse a seed's run
+under the same --root.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import statistics
@@ -24,6 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SEEDED = [("models", "seed"), ("sft", "seed"), ("rollouts", "seed"), ("opd", "seed")]
 OUTPUT_PREFIXES = ("data/", "models/", "metrics/")
+COLUMNS = {"teacher": "teacher", "sft_student": "SFT student", "opd_student": "OPD student"}
+"""Roles of metrics/eval.json, and their column headings."""
 
 
 def seeded_params(params: dict, seed: int) -> dict:
@@ -32,6 +40,15 @@ def seeded_params(params: dict, seed: int) -> dict:
         params.setdefault(section, {})[key] = seed
     params["models"].setdefault("teacher_training", {})["seed"] = seed
     return params
+
+
+def prepare_seed(params: dict, seed: int, root: Path) -> tuple[Path, Path]:
+    """The seed's output tree, root/seed<N>, and its params file written there (`params`, seeded)."""
+    out = root.resolve() / f"seed{seed}"  # absolute: the stages run from the repository root
+    out.mkdir(parents=True, exist_ok=True)
+    params_file = out / "params.yaml"
+    params_file.write_text(yaml.safe_dump(seeded_params(params, seed)))
+    return out, params_file
 
 
 def stage_commands(params_file: Path, out: Path) -> list[tuple[str, list[str]]]:
@@ -50,30 +67,83 @@ def stage_commands(params_file: Path, out: Path) -> list[tuple[str, list[str]]]:
     return commands
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def stage_key(cmd: list[str], upstream: str) -> dict:
+    """What a finished stage's marker must hold for it to be skipped: any change may make its outputs stale."""
+    params = Path(cmd[cmd.index("--params") + 1])
+    return {"command": shlex.join(cmd), "params_sha256": hashlib.sha256(params.read_bytes()).hexdigest(),
+            "upstream": upstream}
+
+
+def _marked_key(marker: Path) -> dict | None:
+    try:
+        return {k: v for k, v in json.loads(marker.read_text()).items() if k != "seconds"}
+    except (FileNotFoundError, ValueError):  # never finished, or cut short while written: not done
+        return None
+
+
+def run_stages(commands: list[tuple[str, list[str]]], out: Path) -> list[str]:
+    """Run `commands` in order from the repository root, each logging to out/<name>.log; return the names run.
+
+    A finished stage is marked in out/.done/<name> (its stage_key and wall seconds). It is skipped when
+    the mark matches its command, params and the stages before it (so a stage changed in an earlier
+    run invalidates the later ones); once one stage runs, every later one runs too, since its inputs
+    were rewritten.
+    """
+    done = out / ".done"
+    done.mkdir(parents=True, exist_ok=True)
+    upstream, ran = "", []
+    for name, cmd in commands:
+        key, marker = stage_key(cmd, upstream), done / name
+        if ran or _marked_key(marker) != key:
+            marker.unlink(missing_ok=True)  # a stage that fails part-way must not look done next time
+            start = time.perf_counter()
+            with open(out / f"{name}.log", "w") as log:
+                subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+            marker.write_text(json.dumps({**key, "seconds": round(time.perf_counter() - start, 3)}, indent=2) + "\n")
+            ran.append(name)
+        upstream = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return ran
+
+
+def stage_seconds(out: Path, name: str) -> float:
+    """Wall seconds of the stage's last completed run under `out` (process start included)."""
+    return json.loads((out / ".done" / name).read_text())["seconds"]
+
+
+def means(results: dict[int, dict[str, float]], keys) -> dict[str, float]:
+    return {key: statistics.mean(r[key] for r in results.values()) for key in keys}
+
+
+def print_table(results: dict[int, dict[str, float]], columns: dict[str, str]) -> None:
+    """A markdown table: one row per seed, one column per key of `columns` (key: heading), and their mean."""
+    print("\n| seed | " + " | ".join(columns.values()) + " |\n| --- |" + " --- |" * len(columns))
+    for seed, r in results.items():
+        print(f"| {seed} | " + " | ".join(f"{r[key]:.3f}" for key in columns) + " |")
+    mean = means(results, columns)
+    print("| mean | " + " | ".join(f"{mean[key]:.3f}" for key in columns) + " |")
+
+
+def seed_args(doc: str, argv=None) -> argparse.Namespace:
+    """The command line of the bench scripts that run the pipeline per seed (the first line of `doc` is their help)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "seeds")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = seed_args(__doc__)
+    params = yaml.safe_load(args.params.read_text())
     results = {}
     for seed in args.seeds:
-        out = args.root / f"seed{seed}"
-        out.mkdir(parents=True, exist_ok=True)
-        params_file = out / "params.yaml"
-        params_file.write_text(yaml.safe_dump(seeded_params(yaml.safe_load(args.params.read_text()), seed)))
+        out, params_file = prepare_seed(params, seed, args.root)
         start = time.perf_counter()
-        for name, cmd in stage_commands(params_file, out):
-            with open(out / f"{name}.log", "w") as log:
-                subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+        run_stages(stage_commands(params_file, out), out)
         metrics = json.loads((out / "metrics" / "eval.json").read_text())
-        results[seed] = {role: metrics[role]["accuracy"] for role in ("teacher", "sft_student", "opd_student")}
+        results[seed] = {role: metrics[role]["accuracy"] for role in COLUMNS}
         print(f"seed {seed}: {results[seed]} ({time.perf_counter() - start:.0f} s)", flush=True)
-    print("\n| seed | teacher | SFT student | OPD student |\n| --- | --- | --- | --- |")
-    for seed, r in results.items():
-        print(f"| {seed} | {r['teacher']:.3f} | {r['sft_student']:.3f} | {r['opd_student']:.3f} |")
-    mean = {role: statistics.mean(r[role] for r in results.values()) for role in ("teacher", "sft_student", "opd_student")}
-    print(f"| mean | {mean['teacher']:.3f} | {mean['sft_student']:.3f} | {mean['opd_student']:.3f} |")
+    print_table(results, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""bench/seeds.py runs exactly dvc.yaml's commands, moved under a per-seed root."""
+"""bench/seeds.py runs exactly dvc.yaml's commands, moved under a per-seed root, and skips the stages already done."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
-from bench.seeds import seeded_params, stage_commands
+from bench.seeds import run_stages, seeded_params, stage_commands, stage_seconds
 from tests.conftest import ROOT
 
 
@@ -28,3 +31,51 @@ def test_seeded_params_set_every_seed_but_the_prompts():
     assert seeded["models"]["seed"] == seeded["sft"]["seed"] == seeded["rollouts"]["seed"] == seeded["opd"]["seed"] == 7
     assert seeded["models"]["teacher_training"]["seed"] == 7
     assert params["opd"].get("seed") != 7  # the input is not modified
+
+
+def _stamp_commands(params: Path) -> list[tuple[str, list[str]]]:
+    """Two stages that each log a fresh timestamp, so a rerun shows in the log."""
+    stamp = [sys.executable, "-c", "import time; print(time.time_ns())", "--params", str(params)]
+    return [("first", stamp), ("second", stamp)]
+
+
+def test_run_stages_skips_done_stages_and_reruns_when_the_params_change(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("a: 1\n")
+    commands = _stamp_commands(params)
+    assert run_stages(commands, tmp_path) == ["first", "second"]
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name, _ in commands}
+    assert run_stages(commands, tmp_path) == []
+    assert {name: (tmp_path / f"{name}.log").read_text() for name, _ in commands} == logs
+    params.write_text("a: 2\n")
+    assert run_stages(commands, tmp_path) == ["first", "second"]
+    assert (tmp_path / "first.log").read_text() != logs["first"]
+    assert str(params) in (tmp_path / ".done" / "first").read_text()
+    assert 0 < stage_seconds(tmp_path, "first") < 60
+
+
+def test_run_stages_reruns_every_stage_after_one_that_ran(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("a: 1\n")
+    commands = _stamp_commands(params)
+    run_stages(commands, tmp_path)
+    (tmp_path / ".done" / "first").unlink()
+    assert run_stages(commands, tmp_path) == ["first", "second"]
+    changed = [("first", commands[0][1] + ["extra"]), commands[1]]
+    assert run_stages(changed, tmp_path) == ["first", "second"]
+    assert run_stages(commands[1:], tmp_path) == ["second"]  # its upstream mark differs: the first stage changed
+
+
+def test_a_stage_that_fails_is_not_left_marked_done(tmp_path):
+    params, flag = tmp_path / "p.yaml", tmp_path / "fail"
+    params.write_text("a: 1\n")
+    fails_if_flagged = [sys.executable, "-c", f"import os; raise SystemExit(os.path.exists({str(flag)!r}))",
+                        "--params", str(params)]
+    commands = [_stamp_commands(params)[0], ("second", fails_if_flagged)]
+    run_stages(commands, tmp_path)
+    (tmp_path / ".done" / "first").unlink()
+    flag.touch()
+    with pytest.raises(subprocess.CalledProcessError):
+        run_stages(commands, tmp_path)  # "second" reruns with an unchanged mark, and fails
+    flag.unlink()
+    assert run_stages(commands, tmp_path) == ["second"]
