@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import hashlib
 import importlib
 import logging
@@ -45,6 +46,7 @@ def project_imports(path: Path, seen: set[Path] | None = None) -> set[Path]:
     return seen
 
 
+@functools.cache  # the code does not change while a process runs (OPD refresh rounds ask every round)
 def code_sha256(stage: str) -> str:
     """sha256 of the code a stage runs (its file and every project file it imports), recorded in its
     shards' provenance: shards written by other code count as stale, as dvc.yaml's code deps say."""

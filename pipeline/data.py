@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
@@ -79,21 +80,26 @@ class ShardBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: list[int], shard_sizes: list[int], batch_size: int, seed: int,
-                 num_replicas: int = 1, rank: int = 0):
+                 num_replicas: int = 1, rank: int = 0, num_batches: int | None = None):
+        """`num_batches`: one iteration yields exactly this many batches, from as many passes over the
+        rows as it takes (each pass a new epoch's order): an OPD round of a fixed number of steps."""
         self.lengths, self.shard_sizes, self.batch_size, self.seed = np.asarray(lengths), shard_sizes, batch_size, seed
-        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
-        self.skip = 0  # batches of the next epoch already trained on (resume from a mid-epoch checkpoint)
+        self.num_replicas, self.rank, self.epoch, self.num_batches = num_replicas, rank, 0, num_batches
+        self.skip = 0  # batches of the next iteration already trained on (resume from a mid-epoch checkpoint)
         self.starts = np.concatenate([[0], np.cumsum(shard_sizes)])
 
     def resume_at(self, batches_done: int) -> None:
         """Continue after `batches_done` batches (all epochs counted) of an earlier run with this seed."""
-        self.epoch, self.skip = divmod(batches_done, len(self))
+        if self.num_batches is None:
+            self.epoch, self.skip = divmod(batches_done, len(self))
+        else:
+            self.skip = batches_done
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def _batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
         batches = []
         for shard in rng.permutation(len(self.shard_sizes)):
             index = self.starts[shard] + rng.permutation(self.shard_sizes[shard])
@@ -108,33 +114,42 @@ class ShardBatchSampler(Sampler[list[int]]):
         return batches[self.rank : usable : self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._batches()[self.skip :]
-        self.epoch, self.skip = self.epoch + 1, 0  # the next pass is a new epoch (also without set_epoch)
+        skip, self.skip = self.skip, 0
+        if self.num_batches is not None:
+            passes = (batch for epoch in itertools.count(self.epoch) for batch in self._batches(epoch))
+            return itertools.islice(passes, skip, self.num_batches)
+        batches = self._batches(self.epoch)[skip:]
+        self.epoch += 1  # the next pass is a new epoch (also without set_epoch)
         return iter(batches)
 
     def __len__(self) -> int:
+        if self.num_batches is not None:
+            return self.num_batches
         per_shard = [n // self.batch_size if n >= self.batch_size else int(n > 0) for n in self.shard_sizes]
         return sum(per_shard) // self.num_replicas
 
 
-class ShardedData(L.LightningDataModule):
-    """The training DataModule: ShardedRows batched by ShardBatchSampler, collated, one replica's
-    share of the batches under DDP."""
+def batch_loader(rows: ShardedRows, lengths: list[int], batch_size: int, pad_id: int, seed: int, trainer,
+                 start_step: int = 0, num_batches: int | None = None) -> DataLoader:
+    """Collated batches of `rows` for `trainer`'s replica (ShardBatchSampler), resumed where the
+    trainer's restored step count says, counted from `start_step` (the step these rows start at)."""
+    replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = ShardBatchSampler(lengths, rows.shard_sizes, batch_size, seed, replicas, rank, num_batches)
+    if trainer is not None and trainer.global_step > start_step:  # restored from a checkpoint: skip what it trained on
+        sampler.resume_at((trainer.global_step - start_step) * trainer.accumulate_grad_batches)
+    return DataLoader(rows, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id))
 
-    def __init__(self, rows: ShardedRows, lengths: list[int], batch_size: int, pad_id: int, seed: int,
-                 start_step: int = 0):
-        """`start_step`: the optimizer step at which training on these rows begins (an OPD refresh round)."""
+
+class ShardedData(L.LightningDataModule):
+    """The training DataModule of the SFT stages: ShardedRows batched by ShardBatchSampler, collated,
+    one replica's share of the batches under DDP."""
+
+    def __init__(self, rows: ShardedRows, lengths: list[int], batch_size: int, pad_id: int, seed: int):
         super().__init__()
         self.rows, self.lengths, self.batch_size, self.pad_id, self.seed = rows, lengths, batch_size, pad_id, seed
-        self.start_step = start_step
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ShardBatchSampler(self.lengths, self.rows.shard_sizes, self.batch_size, self.seed, replicas, rank)
-        if trainer is not None and trainer.global_step > self.start_step:  # restored mid-way: skip what it trained on
-            sampler.resume_at((trainer.global_step - self.start_step) * trainer.accumulate_grad_batches)
-        return DataLoader(self.rows, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=self.pad_id))
+        return batch_loader(self.rows, self.lengths, self.batch_size, self.pad_id, self.seed, self.trainer)
 
 
 def in_memory(rows: list[dict], batch_size: int, pad_id: int, seed: int) -> ShardedData:

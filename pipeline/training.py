@@ -101,33 +101,26 @@ class DistillModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def train(model, data: ShardedData, cfg: TrainConfig, log_dir: Path, loss: str = "sft",
-          checkpoint_dir: Path | None = None, fingerprint: dict | None = None, until_step: int | None = None):
-    """Train `model` in place on `data` up to optimizer step `until_step` (default `cfg.steps`, the
-    end of the schedule); CSV logs go to `log_dir`.
+def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, loss: str = "sft",
+          checkpoint_dir: Path | None = None, fingerprint: dict | None = None):
+    """Train `model` in place on `data` for `cfg.steps` optimizer steps; CSV logs go to `log_dir`.
 
     With `cfg.checkpoint_every` and a `checkpoint_dir`, Lightning saves `last.ckpt` there every N
     steps and a rerun resumes from it exactly (weights, optimizer, schedule, position in the data),
     but only if it was written for the same `fingerprint` (config and inputs); otherwise it is
-    deleted. Stopping early (`until_step` < `cfg.steps`, an OPD refresh round) always leaves
-    `last.ckpt` for the next call, which continues from it. The directory is removed once training
-    completes.
+    deleted. The directory is removed once training completes.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    until_step = until_step or cfg.steps
-    checkpointing = checkpoint_dir is not None and (cfg.checkpoint_every > 0 or until_step < cfg.steps
-                                                    or (Path(checkpoint_dir) / "last.ckpt").exists())
     callbacks, resume_from = [], None
-    if checkpointing:
+    if cfg.checkpoint_every and checkpoint_dir is not None:
         resume_from = _checkpoint_to_resume(Path(checkpoint_dir), fingerprint or {})
-    if checkpointing and cfg.checkpoint_every:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every,
                                          save_top_k=0, save_last=True))
     trainer = L.Trainer(
-        max_steps=until_step,
+        max_steps=cfg.steps,
         accelerator="auto",
         devices=cfg.devices,
         strategy=cfg.strategy,
@@ -138,6 +131,7 @@ def train(model, data: ShardedData, cfg: TrainConfig, log_dir: Path, loss: str =
         log_every_n_steps=min(10, cfg.steps),
         callbacks=callbacks,
         use_distributed_sampler=False,  # ShardBatchSampler gives each replica its own batches
+        reload_dataloaders_every_n_epochs=1,  # an OPD refresh round is an epoch, on data sampled as it begins
         enable_checkpointing=bool(callbacks),
         enable_model_summary=False,
         enable_progress_bar=True,
@@ -152,23 +146,9 @@ def train(model, data: ShardedData, cfg: TrainConfig, log_dir: Path, loss: str =
         warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
         trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     model.eval()
-    if checkpointing and until_step < cfg.steps:
-        # written aside and renamed, so a crash while saving leaves the previous checkpoint whole
-        partial = Path(checkpoint_dir) / "last.ckpt.partial"
-        trainer.save_checkpoint(partial)
-        if trainer.is_global_zero:
-            partial.replace(Path(checkpoint_dir) / "last.ckpt")
-    elif checkpointing and trainer.is_global_zero:
+    if callbacks and trainer.is_global_zero:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return trainer
-
-
-def checkpointed_step(checkpoint_dir: Path) -> int:
-    """The optimizer step `last.ckpt` in `checkpoint_dir` was saved at (0: none)."""
-    last = Path(checkpoint_dir) / "last.ckpt"
-    if not last.exists():
-        return 0
-    return torch.load(last, map_location="cpu", mmap=True, weights_only=False)["global_step"]
 
 
 FINGERPRINT = "fingerprint.json"

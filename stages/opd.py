@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import pyarrow as pa
-import torch
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from data_schemas import SchemaError, teacher_cache
 from data_schemas import rollouts as rollouts_schema
@@ -147,8 +148,8 @@ def round_prompts(prompts: list[dict], round_: int, count: int) -> list[dict]:
 class _Rounds:
     """Writes the data of refresh rounds: the current student samples, the teacher scores."""
 
-    def __init__(self, cfg: OpdConfig, refresh: Refresh, rounds_dir: Path):
-        self.cfg, self.refresh, self.dir = cfg, refresh, rounds_dir
+    def __init__(self, cfg: OpdConfig, refresh: Refresh, rounds_dir: Path, tokenizer):
+        self.cfg, self.refresh, self.dir, self.tokenizer = cfg, refresh, rounds_dir, tokenizer
         self.prompts = read_split(refresh.prompts_dir, "opd")
         samples = cfg.refresh_every * cfg.batch_size * cfg.accumulate_grad_batches * cfg.devices
         self.per_round = math.ceil(samples / refresh.rollouts.n)
@@ -158,17 +159,17 @@ class _Rounds:
     def dirs(self, round_: int) -> tuple[Path, Path]:
         return self.dir / f"round-{round_:03d}" / "rollouts", self.dir / f"round-{round_:03d}" / "teacher_cache"
 
-    def write(self, round_: int, student, tokenizer, step: int) -> tuple[Path, Path]:
+    def write(self, round_: int, student, step: int) -> tuple[Path, Path]:
         """Round `round_`'s rollouts from `student` (the weights at optimizer step `step`) and their scores;
         finished shards of an interrupted earlier attempt are kept."""
         rollouts_dir, cache_dir = self.dirs(round_)
         refresh = self.refresh
         start = time.perf_counter()
         # The policy is saved as a model directory so that any engine samples it and the rollouts
-        # record its weights hash; it is deleted after (its weights are the checkpoint's).
+        # record its weights hash; it is deleted after (the training checkpoints hold its weights).
         policy = self.dir / f"round-{round_:03d}" / f"student-step-{step:06d}"
         shutil.rmtree(policy, ignore_errors=True)
-        models.save_model(student, tokenizer, policy)
+        models.save_model(student, self.tokenizer, policy)
         rollouts_stage.run(refresh.rollouts, refresh.engine, policy, refresh.prompts_dir, rollouts_dir, round_=round_,
                            replace_stale=True, prompts=round_prompts(self.prompts, round_, self.per_round))
         shutil.rmtree(policy)
@@ -187,47 +188,62 @@ class _Rounds:
             self.teacher.close()
 
 
+class RoundsData(L.LightningDataModule):
+    """OPD batches, one round per Lightning epoch (the trainer reloads the data every epoch): round r
+    is `steps_per_round` optimizer steps on the offline cache (r = 0) or on the rollouts the current
+    student samples, and the teacher scores, as the round begins."""
+
+    def __init__(self, cfg: OpdConfig, offline: tuple[data.ShardedRows, list[int]], pad_id: int, check,
+                 rounds: _Rounds | None):
+        """`offline`: round 0's rows and lengths (open_cache); `check(provenance)` vets a new round's cache."""
+        super().__init__()
+        self.cfg, self.offline, self.pad_id, self.check, self.rounds = cfg, offline, pad_id, check, rounds
+        self.steps_per_round = cfg.refresh_every or cfg.steps
+
+    def train_dataloader(self):
+        trainer, cfg = self.trainer, self.cfg
+        round_ = trainer.current_epoch
+        start_step = round_ * self.steps_per_round
+        if round_ == 0:
+            rows, lengths = self.offline
+        else:
+            if trainer.global_step > start_step:  # resumed inside the round: its data was complete before it began
+                dirs = self.rounds.dirs(round_)
+            else:
+                dirs = self.rounds.write(round_, trainer.lightning_module.model, start_step)
+            rows, lengths, provenance = open_cache(*dirs, cfg.max_shards_in_memory)
+            self.check(provenance)
+        return data.batch_loader(rows, lengths, cfg.batch_size, self.pad_id, cfg.seed, trainer, start_step,
+                                 self.steps_per_round * trainer.accumulate_grad_batches)
+
+
 def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, out: Path,
         rounds_dir: Path | None = None, refresh: Refresh | None = None) -> Path:
     if cfg.refresh_every and (refresh is None or rounds_dir is None):
         raise ConfigError("opd.refresh_every needs --models, --prompts and --rounds (see dvc.yaml's opd stage)")
     sft_provenance = models.read_provenance(sft_model)
+    rows, lengths, cache_provenance = open_cache(rollouts_dir, cache_dir, cfg.max_shards_in_memory)
+    check_consistency(cfg, sft_provenance, cache_provenance)
     model = models.load_model(sft_model)
     tokenizer = models.load_tokenizer(sft_model)
-    checkpoints = training.checkpoint_dir_for(out)
-    fingerprint = training.inputs_fingerprint(cfg, models.weights_hash(sft_model), [rollouts_dir, cache_dir])
-    steps_per_round = cfg.refresh_every or cfg.steps
-    num_rounds = math.ceil(cfg.steps / steps_per_round)
-    rounds = _Rounds(cfg, refresh, rounds_dir) if cfg.refresh_every else None
+    rounds = _Rounds(cfg, refresh, rounds_dir, tokenizer) if cfg.refresh_every else None
+    num_rounds = math.ceil(cfg.steps / (cfg.refresh_every or cfg.steps))
     if rounds_dir is not None:
         _remove_rounds_beyond(rounds_dir, num_rounds)
-    record, training_s, rows = [], 0.0, 0
-    for round_ in range(num_rounds):
-        start_step, end_step = round_ * steps_per_round, min((round_ + 1) * steps_per_round, cfg.steps)
-        if round_ == 0:
-            data_dirs = rollouts_dir, cache_dir
-        elif training.checkpointed_step(checkpoints) > start_step:
-            data_dirs = rounds.dirs(round_)  # written before this round's training began
-        else:
-            _load_checkpointed_weights(model, checkpoints)
-            data_dirs = rounds.write(round_, model, tokenizer, start_step)
-        round_rows, lengths, cache_provenance = open_cache(*data_dirs, cfg.max_shards_in_memory)
-        check_consistency(cfg, sft_provenance, cache_provenance)
-        record.append({"round": round_, "steps": [start_step, end_step], "rows": len(round_rows),
-                       "rollouts": str(data_dirs[0]), "teacher_cache": str(data_dirs[1])})
-        rows += len(round_rows)
-        if training.checkpointed_step(checkpoints) >= end_step:
-            continue  # this round finished before an interruption
-        start = time.perf_counter()
-        batches = data.ShardedData(round_rows, lengths, cfg.batch_size, tokenizer.pad_token_id, cfg.seed, start_step)
-        training.train(model, batches, cfg, out / "logs", loss=cfg.loss, checkpoint_dir=checkpoints,
-                       fingerprint=fingerprint, until_step=end_step)
-        training_s += time.perf_counter() - start
-    if rounds is not None:
-        rounds.close()
+    batches = RoundsData(cfg, (rows, lengths), tokenizer.pad_token_id,
+                         lambda provenance: check_consistency(cfg, sft_provenance, provenance), rounds)
+    start = time.perf_counter()
+    try:
+        training.train(model, batches, cfg, out / "logs", loss=cfg.loss, checkpoint_dir=training.checkpoint_dir_for(out),
+                       fingerprint=training.inputs_fingerprint(cfg, models.weights_hash(sft_model), [rollouts_dir, cache_dir]))
+    finally:
+        if rounds is not None:
+            rounds.close()
+    seconds = rounds.seconds if rounds else {"rollouts_s": 0.0, "scoring_s": 0.0}
+    seconds["training_s"] = time.perf_counter() - start - seconds["rollouts_s"] - seconds["scoring_s"]
     models.save_model(model, tokenizer, out)
-    timings = {"training_s": training_s, **(rounds.seconds if rounds else {"rollouts_s": 0.0, "scoring_s": 0.0})}
-    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    (out / "timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
+    record = [_round_record(r, (rollouts_dir, cache_dir) if r == 0 else rounds.dirs(r), cfg) for r in range(num_rounds)]
     if rounds_dir is not None:
         rounds_dir.mkdir(parents=True, exist_ok=True)
         (rounds_dir / ROUNDS_MANIFEST).write_text(json.dumps({"refresh_every": cfg.refresh_every, "rounds": record},
@@ -240,22 +256,20 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
             "sft_data_teacher": sft_provenance["sft_data_teacher"],
             "cache_teacher": cache_provenance["teacher"],
             "teacher_mismatch_allowed": cfg.allow_teacher_mismatch,
-            "rounds": len(record),
+            "rounds": num_rounds,
             "config": vars(cfg),
         },
     )
-    log.info("%s: OPD student trained on %d rollouts in %d round(s), %d steps (loss %s)", out, rows, len(record),
-             cfg.steps, cfg.loss)
+    log.info("%s: OPD student trained for %d steps in %d round(s), on %d rollouts (loss %s)", out, cfg.steps,
+             num_rounds, sum(r["rows"] for r in record), cfg.loss)
     return out
 
 
-def _load_checkpointed_weights(model, checkpoints: Path) -> None:
-    """Put the checkpoint's weights into `model` (a rerun samples a round from the student of the
-    interrupted run, not from the SFT student it starts with)."""
-    last = checkpoints / "last.ckpt"
-    if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
-        model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()})
+def _round_record(round_: int, dirs: tuple[Path, Path], cfg: OpdConfig) -> dict:
+    steps_per_round = cfg.refresh_every or cfg.steps
+    rows = sum(pq.ParquetFile(path).metadata.num_rows for path in shards.list_shards(dirs[0]))
+    return {"round": round_, "steps": [round_ * steps_per_round, min((round_ + 1) * steps_per_round, cfg.steps)],
+            "rows": rows, "rollouts": str(dirs[0]), "teacher_cache": str(dirs[1])}
 
 
 def _remove_rounds_beyond(rounds_dir: Path, num_rounds: int) -> None:
