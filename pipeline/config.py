@@ -5,7 +5,10 @@ Each field's docstring is the user-facing documentation of the matching `params.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +23,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TaskConfig:
-    """`task`: the embedded toy task (long addition with carries, see pipeline/toy_task.py)."""
+    """`task`: the embedded toy task (long addition with carries, see pipeline/toy_task.py), the prompts of
+    `prompts.source: toy`."""
 
     n_digits: int = 8
     """Digits per operand; the worked answer has 3 * n_digits tokens plus end-of-sequence."""
@@ -37,6 +41,93 @@ class TaskConfig:
 
     def __post_init__(self):
         _positive(self, "n_digits", "sft_prompts", "opd_prompts", "eval_prompts")
+
+
+@dataclass
+class ChatConfig:
+    """How a prompt becomes token ids: its plain text, or a user turn in the tokenizer's chat template."""
+
+    template: bool = False
+    """Encode each prompt as a user message (after system_prompt, if set) in the tokenizer's chat template, ending
+    with the generation prompt: what chat and instruct models expect. false: the plain text (toy task, base models)."""
+    system_prompt: str | None = None
+    """System message before every prompt (null: none). Needs template: true."""
+    enable_thinking: bool | None = None
+    """Passed to the chat template (Qwen3: false turns its reasoning block off); null: not passed, the template's
+    own default. Templates that do not know it ignore it. Needs template: true."""
+
+    def __post_init__(self):
+        if not self.template and (self.system_prompt is not None or self.enable_thinking is not None):
+            raise ConfigError("system_prompt and enable_thinking act through the chat template: set template: true")
+
+
+@dataclass
+class PromptSplitsConfig:
+    """How many of your prompts go to each split: all counts (integers) or all fractions of the usable prompts
+    (floats in [0, 1], summing to at most 1). Prompts left over are not used."""
+
+    sft: int | float = 0.2
+    """Prompts the teacher answers to make the SFT data."""
+    opd: int | float = 0.7
+    """Prompts the SFT student samples rollouts on."""
+    eval: int | float = 0.1
+    """Held-out prompts for evaluation; a prompt is never in two splits."""
+    teacher_train: int | float = 0
+    """Prompts with answers the toy teacher trains on (read only with models.teacher: toy)."""
+
+    def __post_init__(self):
+        sizes = {name: getattr(self, name) for name in ("sft", "opd", "eval", "teacher_train")}
+        for name, size in sizes.items():
+            if size < 0 or (size == 0 and name != "teacher_train"):
+                raise ConfigError(f"{name} must be {'>= 0' if name == 'teacher_train' else '> 0'}, got {size}")
+        fractions = [size for size in sizes.values() if isinstance(size, float)]
+        if fractions and any(isinstance(size, int) and size for size in sizes.values()):
+            raise ConfigError(f"give all counts (integers) or all fractions (floats), not a mix: {sizes} "
+                              f"(the splits not given default to fractions: with counts, give sft, opd and eval)")
+        if fractions and (max(fractions) > 1 or sum(fractions) > 1 + 1e-9):
+            raise ConfigError(f"fractions must sum to at most 1 (write counts as integers), got {sizes}")
+
+
+@dataclass
+class PromptsConfig:
+    """`prompts`: where the prompts come from, which rows are usable, and how prompts are shown to the models."""
+
+    source: str = "toy"
+    """`toy`: the embedded task, sized by the `task` section. Your own prompts: a .jsonl or .parquet file, a
+    directory written by datasets' save_to_disk, or a Hugging Face hub dataset id (datasets.load_dataset)."""
+    hf_config: str | None = None
+    """Hub datasets only: the configuration (load_dataset's `name`), e.g. main for openai/gsm8k."""
+    hf_split: str = "train"
+    """Hub datasets, and save_to_disk directories holding a DatasetDict: the split to read."""
+    prompt_column: str = "prompt"
+    """Column (JSONL: key) holding the prompt text."""
+    answer_column: str | None = "answer"
+    """Column holding the reference answer (a string or null in each row); null: the prompts have no answers."""
+    id_column: str | None = None
+    """Column holding each prompt's id (string or integer, unique); null: a hash of the prompt text."""
+    splits: PromptSplitsConfig = field(default_factory=PromptSplitsConfig)
+    """Sizes of the splits, drawn from the usable prompts after bad rows and duplicates are dropped."""
+    seed: int = 0
+    """Seed of the assignment of prompts to splits."""
+    max_prompt_tokens: int | None = None
+    """Prompts longer than this, in tokens of models.student's tokenizer (chat template included), are bad rows
+    (null: no limit)."""
+    strict: bool = False
+    """Stop at the first bad row, naming file, row and column; false skips bad rows, with one summary per kind."""
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    """Chat template settings, used by every stage that encodes prompts (also with source: toy)."""
+
+    def __post_init__(self):
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens <= 0:
+            raise ConfigError(f"max_prompt_tokens must be > 0 or null, got {self.max_prompt_tokens}")
+        if self.source == "toy":
+            # The toy task is generated valid, and sized by the task section: these keys would be silently ignored.
+            ignored = [f.name for f in dataclasses.fields(self) if f.name not in ("source", "chat")
+                       and getattr(self, f.name) != (f.default if f.default_factory is dataclasses.MISSING
+                                                     else f.default_factory())]
+            if ignored:
+                raise ConfigError(f"{ignored} apply to your own prompt source, not to source: toy "
+                                  f"(the toy task's split sizes and seed are in the task section)")
 
 
 @dataclass
@@ -158,6 +249,8 @@ TOKEN_SELECTIONS = ("entropy", "divergence")
 """Scores by which pipeline.losses.compute_loss keeps a fraction of the response tokens."""
 CLIP_AGAINST = ("current", "behavior")
 """What the opd term's PPO ratio divides by (OpdConfig.clip_against)."""
+VERIFIERS = ("toy_exact", "exact", "math")
+"""Verifiers pipeline.verifiers implements (declared here so configs validate early; EvaluateConfig.verifier)."""
 
 
 @dataclass
@@ -268,13 +361,44 @@ class OpdConfig(TrainConfig):
 
 @dataclass
 class EvaluateConfig:
-    """`evaluate`: held-out accuracy of teacher, SFT student and OPD student (greedy decoding)."""
+    """`evaluate`: held-out accuracy (pass@1) and pass@k of teacher, SFT student and OPD student."""
 
     max_new_tokens: int = 32
+    """Longest response in tokens; a longer one is cut there and verified as it is."""
+    verifier: str = "toy_exact"
+    """One of VERIFIERS: toy_exact (the embedded task's whole worked answer), exact (the whole response equals the
+    reference, whitespace-normalised) or math (the final answer, boxed first, equals the reference by value)."""
+    n_samples: int = 1
+    """Responses per prompt; accuracy is their mean correctness (pass@1). More than 1 needs temperature > 0."""
+    pass_k: list[int] = field(default_factory=list)
+    """k values to report pass@k for (unbiased estimator over the n_samples), each <= n_samples; [] reports none."""
+    temperature: float = 0.0
+    """0 means greedy decoding (the default; n_samples must then be 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the fewest tokens holding this much probability (1: all)."""
+    seed: int = 0
+    """Seed of the sampling (unused when greedy)."""
+
+    def __post_init__(self):
+        _positive(self, "max_new_tokens", "n_samples")
+        if self.verifier not in VERIFIERS:
+            raise ConfigError(f"evaluate.verifier must be one of {VERIFIERS}, got {self.verifier!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"evaluate: need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.n_samples > 1 and self.temperature == 0:
+            raise ConfigError(f"evaluate.n_samples {self.n_samples} needs temperature > 0: greedy decoding gives "
+                              f"{self.n_samples} identical responses")
+        for k in self.pass_k:
+            if not 1 <= k <= self.n_samples:
+                raise ConfigError(f"evaluate.pass_k: pass@{k} draws {k} of the n_samples = {self.n_samples} responses; "
+                                  f"each k must be in [1, n_samples] (raise n_samples or drop k = {k})")
+        if len(set(self.pass_k)) != len(self.pass_k):
+            raise ConfigError(f"evaluate.pass_k lists a k twice: {self.pass_k}")
 
 
 SECTIONS: dict[str, type] = {
     "task": TaskConfig,
+    "prompts": PromptsConfig,
     "models": ModelsConfig,
     "engine": EngineConfig,
     "sft_data": SamplingConfig,
@@ -311,11 +435,14 @@ def from_dict(cls, data: dict | None, where: str):
 
 
 def _coerce(value, hint, where):
-    """Check a scalar against its annotation; ints are accepted where floats are expected."""
+    """Check a scalar (or a list's items) against its annotation; ints are accepted where floats are expected."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
     for typ in allowed:
+        if typing.get_origin(typ) is list and isinstance(value, list):
+            (item,) = typing.get_args(typ)
+            return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if typ in (int, str, bool) and type(value) is typ:
@@ -324,21 +451,72 @@ def _coerce(value, hint, where):
     raise ConfigError(f"{where}: expected {names}, found {value!r} ({type(value).__name__})")
 
 
-def load_params(path: str | Path = "params.yaml") -> dict:
-    """The raw params.yaml mapping, with a clear error for a missing or malformed file."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
-    params = yaml.safe_load(path.read_text()) or {}
+@dataclass(frozen=True)
+class Params:
+    """A params file and `section.key=value` overrides from the command line (`--set`), applied on top."""
+
+    path: Path
+    overrides: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return str(self.path) + "".join(f" --set {o}" for o in self.overrides)
+
+
+def apply_override(params: dict, override: str) -> None:
+    """Set `section.key[.subkey]=value` in `params`; the value is read as YAML (0.001, null, true, [1, 2])."""
+    key, sep, value = override.partition("=")
+    names = key.strip().split(".")
+    if not sep or len(names) < 2 or not all(names):
+        raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. --set opd.lr=0.001")
+    node = params
+    for name in names[:-1]:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: {name} is a value, not a section")
+    node[names[-1]] = yaml.safe_load(value)
+
+
+def load_params(path: str | Path | Params = "params.yaml") -> dict:
+    """The raw params.yaml mapping (with any overrides applied), with a clear error for a missing or
+    malformed file."""
+    source = path if isinstance(path, Params) else Params(Path(path))
+    if not source.path.exists():
+        raise ConfigError(f"{source.path}: params file not found (run from the project root or pass --params)")
+    params = yaml.safe_load(source.path.read_text()) or {}
+    for override in source.overrides:
+        apply_override(params, override)
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
     return params
 
 
-def load_section(name: str, path: str | Path = "params.yaml"):
+def load_section(name: str, path: str | Path | Params = "params.yaml"):
     """The dataclass for section `name` of the params file."""
     return from_dict(SECTIONS[name], load_params(path).get(name), f"{path}:{name}")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of config dataclass `cls` (and its bases), by field name."""
+    docs = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for field, doc in zip(body, body[1:]):
+            if (isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)
+                    and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+                docs[field.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+def describe_section(name: str) -> str:
+    """Section `name`'s keys with their defaults and docs, as `opd <stage> --help` lists them."""
+    cls = SECTIONS[name]
+    docs = field_docs(cls)
+    lines = [f"  {name}:"]
+    for field in dataclasses.fields(cls):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        lines.append(f"    {field.name} = {default!r}" + (f"  # {docs[field.name]}" if field.name in docs else ""))
+    return "\n".join(lines)
 
 
 def _positive(obj, *names):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ToyModelConfig
+from pipeline.config import ChatConfig, ConfigError, ToyModelConfig
 from pipeline.shards import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -121,9 +121,28 @@ def read_manifest(models_dir) -> dict:
     return manifest
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt token ids as the model sees them (with the tokenizer's own special tokens)."""
-    return tokenizer(prompt)["input_ids"]
+def encode_prompt(tokenizer, prompt: str, chat: ChatConfig | None = None) -> list[int]:
+    """Prompt token ids as the model sees them: the plain text with the tokenizer's own special tokens, or with
+    `chat.template` a user turn (after the system prompt) in the tokenizer's chat template, ending with the
+    generation prompt. Every stage that encodes prompts calls this, so they all show the models the same ids."""
+    if chat is None or not chat.template:
+        return tokenizer(prompt)["input_ids"]
+    if not tokenizer.chat_template:
+        where = tokenizer.name_or_path or "the toy tokenizer (models: toy)"
+        raise ConfigError(
+            f"prompts.chat.template is true, but the tokenizer of {where} has no chat template. Fix: set "
+            f"prompts.chat.template: false to encode prompts as plain text (base models, the toy task), or use a "
+            f"chat or instruct model, or add a chat_template to {where}/tokenizer_config.json."
+        )
+    messages = [{"role": "user", "content": prompt}]
+    if chat.system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": chat.system_prompt})
+    # Only when set: a template that reads enable_thinking has its own default for it (Qwen3: on).
+    extra = {} if chat.enable_thinking is None else {"enable_thinking": chat.enable_thinking}
+    # The template writes the special tokens itself (apply_chat_template adds none); return_dict=False gives
+    # the ids alone in transformers 4 and 5 alike.
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                              **extra))
 
 
 def encode_response(tokenizer, response: str) -> list[int]:

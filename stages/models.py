@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline import cli, data, models, toy_task, training
 from pipeline.config import ModelsConfig, TaskConfig, load_section
-from stages.prompts import read_split
+from stages.prompts import read_chat, read_split
 
 log = logging.getLogger("models")
 
@@ -27,9 +27,10 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
     manifest = {}
     if cfg.teacher == "toy":
         teacher = models.build_toy_model(cfg.toy_teacher, tokenizer, cfg.seed)
+        chat = read_chat(prompts_dir)
         rows = [
             {
-                "prompt_ids": models.encode_prompt(tokenizer, r["prompt"]),
+                "prompt_ids": models.encode_prompt(tokenizer, r["prompt"], chat),
                 "response_ids": models.encode_response(tokenizer, r["answer"]),
             }
             for r in read_split(prompts_dir, "teacher_train")

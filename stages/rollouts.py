@@ -18,7 +18,7 @@ import pyarrow as pa
 from data_schemas import rollouts as rollouts_schema
 from pipeline import cli, engines, models, shards
 from pipeline.config import EngineConfig, SamplingConfig, load_section
-from stages.prompts import read_split
+from stages.prompts import prompts_sha256, read_chat, read_split
 
 log = logging.getLogger("rollouts")
 
@@ -33,6 +33,7 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
     """Sample `prompts` (default: the opd split of `prompts_dir`) into shards under `out`."""
     prompts = read_split(prompts_dir, "opd") if prompts is None else prompts
     tokenizer = models.load_tokenizer(policy_dir)
+    chat = read_chat(prompts_dir)
     engine = None
     provenance = {
         "stage": "rollouts",
@@ -41,6 +42,7 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
         "engine": engines.engine_version(engine_cfg.name),
         "logprob_mode": engines.LOGPROB_MODE,
         "round": round_,
+        "prompts_sha256": prompts_sha256(prompts_dir),
         "config": vars(cfg),
     }
 
@@ -48,7 +50,7 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
         nonlocal engine
         engine = engine or engines.load_engine(policy_dir, engine_cfg)  # only if a shard is missing
         chunk = prompts[rows]
-        prompt_ids = [models.encode_prompt(tokenizer, r["prompt"]) for r in chunk]
+        prompt_ids = [models.encode_prompt(tokenizer, r["prompt"], chat) for r in chunk]
         gens = engine.generate(prompt_ids, cfg, seed=cfg.seed + round_ * SEED_STRIDE + index)
         return pa.table(
             {

@@ -17,7 +17,7 @@ from data_schemas import sft_samples
 from pipeline import cli, models, shards
 from pipeline.config import EngineConfig, SamplingConfig, load_section
 from pipeline.engines import load_engine
-from stages.prompts import read_split
+from stages.prompts import prompts_sha256, read_chat, read_split
 
 log = logging.getLogger("sft_data")
 
@@ -26,11 +26,13 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, models_dir: Path, prompts
         replace_stale: bool = False) -> int:
     teacher = models.read_manifest(models_dir)["teacher"]
     prompts = read_split(prompts_dir, "sft")
+    chat = read_chat(prompts_dir)
     engine = load_engine(teacher["path"], engine_cfg)
     provenance = {
         "stage": "sft_data",
         "code_sha256": cli.code_sha256("sft_data"),
         "teacher": models.identity(teacher),
+        "prompts_sha256": prompts_sha256(prompts_dir),
         "engine": engine.version,
         "config": vars(cfg),
     }
@@ -39,7 +41,7 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, models_dir: Path, prompts
     def make_table(index: int, rows: slice) -> pa.Table:
         nonlocal dropped
         chunk = prompts[rows]
-        prompt_ids = [models.encode_prompt(engine.tokenizer, r["prompt"]) for r in chunk]
+        prompt_ids = [models.encode_prompt(engine.tokenizer, r["prompt"], chat) for r in chunk]
         gens = engine.generate(prompt_ids, cfg, seed=cfg.seed + index)
         kept = [g for g in gens if g.finish_reason == "stop"]
         dropped += len(gens) - len(kept)
