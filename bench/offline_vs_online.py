@@ -40,7 +40,8 @@ def setting_commands(params_file: Path, out: Path, setting: str) -> list[tuple[s
     setting_params.write_text(yaml.safe_dump(params))
     renamed = {str(out / "models/opd"): str(out / f"models/opd_{setting}"),
                str(out / "data/opd_rounds"): str(out / f"data/opd_rounds_{setting}"),
-               str(out / "metrics/eval.json"): str(out / f"metrics/eval_{setting}.json")}
+               str(out / "metrics/eval.json"): str(out / f"metrics/eval_{setting}.json"),
+               str(out / "metrics/accuracy.json"): str(out / f"metrics/accuracy_{setting}.json")}
     return [(f"{name}_{setting}", [renamed.get(arg, arg) for arg in cmd])
             for name, cmd in stage_commands(setting_params, out) if name in ("opd", "evaluate")]
 

@@ -38,6 +38,7 @@ B_OUTPUTS = {
     "data/opd_rounds": "data/opd_rounds_B",
     "models/opd": "models/opd_B",
     "metrics/eval.json": "metrics/eval_B.json",
+    "metrics/accuracy.json": "metrics/accuracy_B.json",
 }
 """Where B's run writes each output of those stages (dvc.yaml's paths, under the seed's tree); A's stay as they are."""
 COLUMNS = {

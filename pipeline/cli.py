@@ -8,6 +8,7 @@ import functools
 import hashlib
 import importlib
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -59,10 +60,18 @@ def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bo
     """Parse a stage's command line: `--params` plus the named paths (declared in dvc.yaml), for
     data-parallel stages `--shard i --num-shards n` (as `args.worker = (i, n)`), and for stages that
     resume from their finished shards (`resumable`, implied by `sharded`) `--replace-stale`."""
+    from pipeline.config import Params, describe_section
+
+    sections = stage_sections(doc)
+    epilog = doc + ("\nparams sections it reads (defaults; override with --set section.key=value):\n"
+                    + "\n".join(describe_section(name) for name in sections) if sections else "")
     parser = argparse.ArgumentParser(
-        description=doc.strip().splitlines()[0], epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc.strip().splitlines()[0], epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a params key for this run, value read as YAML (repeatable), e.g. "
+                             "--set opd.lr=0.001; dvc does not see it: for tracked runs use dvc exp run -S")
     for name in paths:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True)
     if sharded or resumable:
@@ -74,9 +83,23 @@ def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bo
         parser.add_argument("--num-shards", type=int, default=1, help="number of workers sharing the output (default: 1)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     args = parser.parse_args(argv)
+    args.params = Params(args.params, tuple(args.overrides))
     if sharded:
         args.worker = (args.shard, args.num_shards)
     return args
+
+
+def stage_sections(doc: str) -> list[str]:
+    """The params sections a stage reads, as dvc.yaml declares them (the stage is named by the
+    `python -m stages.<name>` command its docstring opens with)."""
+    import yaml
+
+    match = re.search(r"python -m stages\.(\w+)", doc)
+    dvc_yaml = ROOT / "dvc.yaml"
+    if not match or not dvc_yaml.exists():
+        return []
+    stage = yaml.safe_load(dvc_yaml.read_text())["stages"].get(match.group(1), {})
+    return [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
 
 
 def main(argv=None) -> None:

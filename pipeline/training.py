@@ -127,7 +127,7 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         precision=precision,
         gradient_clip_val=cfg.grad_clip or None,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
-        logger=L.pytorch.loggers.CSVLogger(str(log_dir), name="", version=""),
+        logger=[L.pytorch.loggers.CSVLogger(str(log_dir), name="", version=""), _dvclive_logger(log_dir, resume_from)],
         log_every_n_steps=min(10, cfg.steps),
         callbacks=callbacks,
         use_distributed_sampler=False,  # ShardBatchSampler gives each replica its own batches
@@ -149,6 +149,25 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
     if callbacks and trainer.is_global_zero:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return trainer
+
+
+def _dvclive_logger(log_dir: Path, resume_from: str | None):
+    """Per-step metrics as DVCLive TSV files under `log_dir/dvclive/plots/metrics`, which dvc.yaml's
+    `plots` show (`dvc plots show`)."""
+    from dvclive import Live
+    from dvclive.lightning import DVCLiveLogger
+
+    class FilesOnlyLive(Live):
+        """DVCLive's files without its repository integration: the stage already runs under dvc, whose
+        dvc.yaml declares the plots. (That integration runs `dvc init` in a git repository without DVC,
+        and fails in a git repository without commits.)"""
+
+        def _init_dvc(self):
+            self._dvc_file = self._init_dvc_file()
+
+    live = FilesOnlyLive(dir=str(Path(log_dir) / "dvclive"), resume=resume_from is not None, save_dvc_exp=False,
+                         dvcyaml=None, report=None)
+    return DVCLiveLogger(experiment=live)
 
 
 FINGERPRINT = "fingerprint.json"

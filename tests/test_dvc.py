@@ -44,6 +44,16 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path):
 
     assert ran_stages(sh("dvc", "repro")) == []  # nothing changed: nothing runs
 
+    # Training curves: a TSV per logged value of each training stage, shown by `dvc plots show`.
+    plots = json.loads(sh("dvc", "plots", "show", "--json"))
+    curves = json.dumps(plots)
+    for logs in ("models/opd/logs", "models/sft/logs", "models/base/logs/teacher"):
+        for value in ("loss", "entropy") + (("reverse_kl", "clip_fraction", "tokens_per_s") if "opd" in logs else ()):
+            assert f"{logs}/dvclive/plots/metrics/train/{value}.tsv" in curves, (logs, value)
+    chart = plots["data"]["Accuracy on the eval prompts"][0]["content"]
+    assert chart["mark"]["type"] == "bar" if isinstance(chart["mark"], dict) else chart["mark"] == "bar"
+    assert [row["model"] for row in chart["data"]["values"]] == ["teacher", "sft_student", "opd_student"]
+
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["opd"]["lr"] = params["opd"].get("lr", 1e-3) * 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
@@ -67,3 +77,14 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path):
 
     for path in shards.list_shards(repo / "data/rollouts"):
         assert shards.read_shard(path, rollouts_schema)[1]["config"]["temperature"] == 0.7
+
+    # Experiments: `dvc exp run -S` changes a param for one run, `dvc exp show` compares runs.
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "baseline")
+    assert ran_stages(sh("dvc", "exp", "run", "-S", "opd.lr=0.004", "-n", "fast-lr")) == ["opd", "evaluate"]
+    experiments = json.loads(sh("dvc", "exp", "show", "--json"))
+    runs = [exp for commit in experiments for exp in (commit.get("experiments") or [])]
+    fast = next(run["revs"][0]["data"] for run in runs if run.get("name") == "fast-lr")
+    assert fast["params"]["params.yaml"]["data"]["opd"]["lr"] == 0.004
+    assert "opd_student" in fast["metrics"]["metrics/eval.json"]["data"]
+    assert "train" in fast["metrics"]["models/opd/logs/dvclive/metrics.json"]["data"]
