@@ -170,12 +170,14 @@ class TrainConfig:
     """Lightning strategy: auto, ddp, fsdp (GPUs), or any name Lightning accepts."""
     devices: int = 1
     """Devices (GPUs, or CPU processes with ddp) per node."""
+    num_nodes: int = 1
+    """Nodes of a multi-node run (launched with torchrun or srun on each node; Lightning reads the cluster's env)."""
     seed: int = 0
     loss_chunk_tokens: int = 1024
     """Response tokens whose logits exist at once in the loss, from the final hidden states (0: all B x T x V)."""
 
     def __post_init__(self):
-        _positive(self, "steps", "batch_size", "lr", "accumulate_grad_batches")
+        _positive(self, "steps", "batch_size", "lr", "accumulate_grad_batches", "devices", "num_nodes")
         if self.loss_chunk_tokens < 0:
             raise ConfigError(f"loss_chunk_tokens must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
         if "fsdp" in self.strategy.lower() and self.loss_chunk_tokens:
@@ -341,7 +343,7 @@ class OpdConfig(TrainConfig):
         _positive(self, "max_shards_in_memory")
         if self.refresh_every < 0:
             raise ConfigError(f"opd.refresh_every must be >= 0 (0: never), got {self.refresh_every}")
-        if self.refresh_every and self.devices > 1:
+        if self.refresh_every and self.devices * self.num_nodes > 1:
             raise ConfigError("opd.refresh_every runs rollouts and scoring inside training, on one device for now: "
                               "set opd.devices: 1, or refresh_every: 0 and scale the offline stages with --shard")
         terms = self.loss.split("+")

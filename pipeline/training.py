@@ -123,6 +123,7 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         max_steps=cfg.steps,
         accelerator="auto",
         devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         precision=precision,
         gradient_clip_val=cfg.grad_clip or None,

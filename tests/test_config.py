@@ -9,7 +9,7 @@ from pipeline.config import SECTIONS, ConfigError, from_dict, load_params, load_
 from tests.conftest import ROOT, TINY_PARAMS
 
 
-@pytest.mark.parametrize("params", [ROOT / "params.yaml", TINY_PARAMS])
+@pytest.mark.parametrize("params", [ROOT / "params.yaml", TINY_PARAMS, ROOT / "examples/qwen3-math/params.yaml"])
 def test_every_section_loads(params):
     raw = load_params(params)
     assert set(raw) == set(SECTIONS)
