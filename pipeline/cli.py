@@ -10,7 +10,10 @@ import importlib
 import logging
 import re
 import sys
+import time
 from pathlib import Path
+
+from pipeline import progress
 
 STAGES = ("prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "opd", "evaluate")
 """Pipeline order."""
@@ -59,7 +62,8 @@ def code_sha256(stage: str) -> str:
 def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bool = False) -> argparse.Namespace:
     """Parse a stage's command line: `--params` plus the named paths (declared in dvc.yaml), for
     data-parallel stages `--shard i --num-shards n` (as `args.worker = (i, n)`), and for stages that
-    resume from their finished shards (`resumable`, implied by `sharded`) `--replace-stale`."""
+    resume from their finished shards (`resumable`, implied by `sharded`) `--replace-stale`.
+    `args.stage` and `args.started` are what `summary(args)` reports at the end."""
     from pipeline.config import Params, describe_section
 
     sections = stage_sections(doc)
@@ -83,6 +87,8 @@ def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bo
         parser.add_argument("--num-shards", type=int, default=1, help="number of workers sharing the output (default: 1)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     args = parser.parse_args(argv)
+    progress.quiet_library_bars()
+    args.stage, args.started = _stage_name(doc), time.perf_counter()
     args.params = Params(args.params, tuple(args.overrides))
     if sharded:
         args.worker = (args.shard, args.num_shards)
@@ -94,12 +100,67 @@ def stage_sections(doc: str) -> list[str]:
     `python -m stages.<name>` command its docstring opens with)."""
     import yaml
 
-    match = re.search(r"python -m stages\.(\w+)", doc)
-    dvc_yaml = ROOT / "dvc.yaml"
-    if not match or not dvc_yaml.exists():
+    name, dvc_yaml = _stage_name(doc), ROOT / "dvc.yaml"
+    if not name or not dvc_yaml.exists():
         return []
-    stage = yaml.safe_load(dvc_yaml.read_text())["stages"].get(match.group(1), {})
+    stage = yaml.safe_load(dvc_yaml.read_text())["stages"].get(name, {})
     return [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
+
+
+def _stage_name(doc: str) -> str | None:
+    """The stage named by the `python -m stages.<name>` command a stage's docstring opens with."""
+    match = re.search(r"python -m stages\.(\w+)", doc)
+    return match.group(1) if match else None
+
+
+def summary(args: argparse.Namespace, *details: str) -> str:
+    """Print (and return) a stage's last line: `details` (e.g. "300 steps"), then for a shard directory
+    its rows and response tokens, the wall time since `stage_args` and the size of `args.out` on disk:
+
+        rollouts: 4,000 rows, 101,485 response tokens, 31.2 s, 1.9 MiB -> data/rollouts
+
+    It describes the whole output, so it includes shards kept from an earlier run or other workers."""
+    stats = output_stats(args.out)
+    parts = list(details)
+    if stats["rows"] is not None:
+        parts.append(f"{stats['rows']:,} rows")
+    if stats["tokens"] is not None:
+        parts.append(f"{stats['tokens']:,} response tokens")
+    parts += [progress.format_seconds(time.perf_counter() - args.started), format_bytes(stats["bytes"])]
+    line = f"{args.stage}: {', '.join(parts)} -> {args.out}"
+    print(line, flush=True)
+    return line
+
+
+def output_stats(path: Path) -> dict:
+    """`bytes`: every file under `path` (or the file itself); for a shard directory, `rows` from the Parquet
+    footers and `tokens`, the response tokens (the list lengths of its shards.TOKEN_COLUMNS column, read alone),
+    else None."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline import shards
+
+    path = Path(path)
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    stats = {"rows": None, "tokens": None, "bytes": sum(p.stat().st_size for p in files)}
+    paths = shards.list_shards(path)
+    if paths:
+        stats["rows"] = sum(pq.read_metadata(p).num_rows for p in paths)
+        columns = pq.read_schema(paths[0]).names
+        column = next((c for c in shards.TOKEN_COLUMNS if c in columns), None)
+        if column:
+            lengths = (pc.list_value_length(pq.read_table(p, columns=[column])[column]) for p in paths)
+            stats["tokens"] = sum(pc.sum(n).as_py() or 0 for n in lengths)
+    return stats
+
+
+def format_bytes(size: int) -> str:
+    """`812 B`, `12.3 KiB`, `1.9 MiB`, `3.4 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
 
 
 def main(argv=None) -> None:

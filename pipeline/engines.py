@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.models import load_model, load_tokenizer
+from pipeline.progress import Progress, is_terminal
 
 LOGPROB_MODE = "raw"
 """Log-probs are log_softmax of the raw logits (temperature 1, no top-p), whatever the sampler used:
@@ -83,31 +84,34 @@ class HFEngine:
         torch.manual_seed(seed)
         jobs = [(p, s) for p in range(len(prompts)) for s in range(sampling.n)]
         out = []
-        for start in range(0, len(jobs), self.cfg.batch_size):
-            batch = jobs[start : start + self.cfg.batch_size]
-            ids, mask = self._pad([prompts[p] for p, _ in batch], left=True)
-            greedy = sampling.temperature == 0
-            result = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=None if greedy else 0,
-                max_new_tokens=sampling.max_new_tokens,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.eos_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            new = result.sequences[:, ids.shape[1] :]
-            # raw logits of each step [b, V] -> log-prob of the token sampled there, one step at a time
-            logprobs = torch.stack([
-                torch.log_softmax(step.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1)
-                for t, step in enumerate(result.logits)
-            ], dim=1)
-            for row, (p, s) in enumerate(batch):
-                out.append(self._finish(p, s, new[row].tolist(), logprobs[row].tolist()))
+        with Progress("generate", len(jobs), "sequences") as progress:
+            for start in range(0, len(jobs), self.cfg.batch_size):
+                batch = jobs[start : start + self.cfg.batch_size]
+                ids, mask = self._pad([prompts[p] for p, _ in batch], left=True)
+                greedy = sampling.temperature == 0
+                result = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=not greedy,
+                    temperature=None if greedy else sampling.temperature,
+                    top_p=None if greedy else sampling.top_p,
+                    top_k=None if greedy else 0,
+                    max_new_tokens=sampling.max_new_tokens,
+                    pad_token_id=self.pad_id,
+                    eos_token_id=self.eos_id,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+                new = result.sequences[:, ids.shape[1] :]
+                # raw logits of each step [b, V] -> log-prob of the token sampled there, one step at a time
+                logprobs = torch.stack([
+                    torch.log_softmax(step.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1)
+                    for t, step in enumerate(result.logits)
+                ], dim=1)
+                for row, (p, s) in enumerate(batch):
+                    out.append(self._finish(p, s, new[row].tolist(), logprobs[row].tolist()))
+                # response tokens up to EOS, the tokens/s of bench/engines.py
+                progress.update(len(batch), tokens=sum(len(g.response_ids) for g in out[-len(batch) :]))
         return out
 
     def _finish(self, prompt_index, sample_idx, tokens, logprobs) -> Generation:
@@ -120,26 +124,29 @@ class HFEngine:
     def score(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[Scores]:
         """Teacher log-probs of each response token given prompt and previous tokens, plus top-k."""
         out = []
-        for start in range(0, len(prompts), self.cfg.batch_size):
-            rows = [p + r for p, r in zip(prompts[start : start + self.cfg.batch_size], responses[start:])]
-            ids, mask = self._pad(rows, left=False)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
-            for row in range(len(rows)):
-                p_len = len(prompts[start + row])
-                r_len = len(rows[row]) - p_len
-                # position t predicts token t + 1, so response token j is scored at p_len - 1 + j;
-                # float32 log-softmax of one row's response positions at a time: [R, V], not [B, L, V]
-                logprobs = torch.log_softmax(logits[row, p_len - 1 : p_len - 1 + r_len].float(), -1)
-                top_lp, top_ids = logprobs.topk(k, dim=-1)
-                targets = ids[row, p_len : p_len + r_len]
-                token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                out.append(
-                    Scores(
-                        token_lp.cpu().numpy().astype(np.float32),
-                        top_ids.cpu().numpy().astype(np.int32),
-                        top_lp.cpu().numpy().astype(np.float32),
+        with Progress("score", len(prompts), "sequences") as progress:
+            for start in range(0, len(prompts), self.cfg.batch_size):
+                rows = [p + r for p, r in zip(prompts[start : start + self.cfg.batch_size], responses[start:])]
+                ids, mask = self._pad(rows, left=False)
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+                for row in range(len(rows)):
+                    p_len = len(prompts[start + row])
+                    r_len = len(rows[row]) - p_len
+                    # position t predicts token t + 1, so response token j is scored at p_len - 1 + j;
+                    # float32 log-softmax of one row's response positions at a time: [R, V], not [B, L, V]
+                    logprobs = torch.log_softmax(logits[row, p_len - 1 : p_len - 1 + r_len].float(), -1)
+                    top_lp, top_ids = logprobs.topk(k, dim=-1)
+                    targets = ids[row, p_len : p_len + r_len]
+                    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                    out.append(
+                        Scores(
+                            token_lp.cpu().numpy().astype(np.float32),
+                            top_ids.cpu().numpy().astype(np.int32),
+                            top_lp.cpu().numpy().astype(np.float32),
+                        )
                     )
-                )
+                # prompt + response tokens: the forward pass reads both (bench/engines.py's scoring tokens/s)
+                progress.update(len(rows), tokens=int(mask.sum()))
         return out
 
 
@@ -209,7 +216,7 @@ class VLLMEngine:
             )
             for p in range(len(prompts))
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=is_terminal())
         return [
             Generation(p, s, list(o.token_ids), sampled_logprobs(o.token_ids, o.logprobs), o.finish_reason)
             for p, request in enumerate(outputs)
@@ -222,7 +229,7 @@ class VLLMEngine:
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
         requests = [{"prompt_token_ids": p + r} for p, r in zip(prompts, responses)]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=is_terminal())
         return [
             scores_from_prompt_logprobs(out.prompt_logprobs, req["prompt_token_ids"], len(p), k)
             for out, req, p in zip(outputs, requests, prompts)

@@ -17,8 +17,6 @@ import pyarrow.parquet as pq
 from data_schemas import PROVENANCE_KEY, SCHEMA_KEY
 from pipeline import shards
 
-TOKEN_COLUMNS = ("teacher_token_logprobs", "response_ids")
-"""The first of these a table has is what "tokens" counts (one per response token)."""
 LENGTH_BINS = 8
 
 
@@ -42,7 +40,7 @@ def summarise(directory) -> dict:
     if "teacher" in provenance:
         out["teacher"] = provenance["teacher"].get("id")
         out["teacher_weights_sha256"] = provenance["teacher"].get("weights_sha256")
-    token_column = next((c for c in TOKEN_COLUMNS if c in columns), None)
+    token_column = next((c for c in shards.TOKEN_COLUMNS if c in columns), None)
     if token_column:
         lengths = frame.select(pl.col(token_column).list.len().alias("n")).collect()["n"]
         out["tokens"] = int(lengths.sum())

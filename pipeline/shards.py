@@ -32,6 +32,9 @@ DATA_PAGE_SIZE = 8 << 20  # zstd compresses each page alone; bigger pages give i
 # Readers stream one row group at a time; size is flat from ~25k tokens a group (64 rows of the bench)
 # up, and a 4k-token row with top-64 is ~1.5 MB, so 256 rows keep a group within a few hundred MB.
 ROW_GROUP_SIZE = 256
+TOKEN_COLUMNS = ("teacher_token_logprobs", "response_ids")
+"""The first of these a shard has is what "tokens" counts (one entry per response token), in
+`opd inspect` and in each stage's summary line."""
 
 _SHARD_NAME = re.compile(r"^part-(\d+)\.parquet$")
 _TEMP_NAME = re.compile(r"^\.part-(\d+)\.parquet\.tmp-")

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from pipeline import losses
+from pipeline import losses, progress
 from pipeline.config import OpdConfig, TrainConfig
 from pipeline.data import ShardedData
 
@@ -83,6 +83,7 @@ class DistillModule(L.LightningModule):
         logs["train/tokens_per_s"] = self._tokens / elapsed
         self.log_dict(logs, prog_bar=False, on_step=True, batch_size=batch["input_ids"].shape[0])
         self.log("loss", out["loss"], prog_bar=True, on_step=True, logger=False)
+        self.log("tokens/s", logs["train/tokens_per_s"], prog_bar=True, on_step=True, logger=False)
         return out["loss"]
 
     def configure_optimizers(self):
@@ -115,10 +116,15 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     callbacks, resume_from = [], None
-    if cfg.checkpoint_every and checkpoint_dir is not None:
+    checkpointing = bool(cfg.checkpoint_every and checkpoint_dir is not None)
+    if checkpointing:
         resume_from = _checkpoint_to_resume(Path(checkpoint_dir), fingerprint or {})
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every,
                                          save_top_k=0, save_last=True))
+    # On a terminal Lightning's bar; in a log its carriage returns would make one endless line: log lines there.
+    terminal = progress.is_terminal()
+    if not terminal:
+        callbacks.append(LogProgress())
     trainer = L.Trainer(
         max_steps=cfg.steps,
         accelerator="auto",
@@ -133,9 +139,9 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         callbacks=callbacks,
         use_distributed_sampler=False,  # ShardBatchSampler gives each replica its own batches
         reload_dataloaders_every_n_epochs=1,  # an OPD refresh round is an epoch, on data sampled as it begins
-        enable_checkpointing=bool(callbacks),
+        enable_checkpointing=checkpointing,
         enable_model_summary=False,
-        enable_progress_bar=True,
+        enable_progress_bar=terminal,
         deterministic=True,
     )
     module = DistillModule(model, cfg, loss)
@@ -147,9 +153,25 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
         trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     model.eval()
-    if callbacks and trainer.is_global_zero:
+    if checkpointing and trainer.is_global_zero:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return trainer
+
+
+class LogProgress(L.Callback):
+    """Training progress as periodic log lines (pipeline.progress): step/max_steps, loss, tokens/s, ETA.
+    Tokens are this process's response tokens (with DDP, one replica's share)."""
+
+    def on_train_start(self, trainer, pl_module):
+        # initial: a resumed run's rate and ETA count only the steps it trains now
+        self.progress = progress.Progress("train", trainer.max_steps, "steps", initial=trainer.global_step, tty=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.is_global_zero:
+            # with gradient accumulation a batch may end without an optimizer step: n = 0, its tokens still count
+            loss = trainer.callback_metrics.get("loss")
+            values = {} if loss is None else {"loss": float(loss)}
+            self.progress.update(trainer.global_step - self.progress.done, tokens=int(batch["mask"].sum()), **values)
 
 
 def _dvclive_logger(log_dir: Path, resume_from: str | None):

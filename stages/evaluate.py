@@ -78,7 +78,10 @@ def run(cfg: EvaluateConfig, engine_cfg: EngineConfig, models_dir: Path, sft_mod
 def main(argv=None):
     args = cli.stage_args(__doc__, argv, "models", "sft_model", "opd_model", "prompts", "out", "chart")
     params = args.params
-    run(load_section("evaluate", params), load_section("engine", params), args.models, args.sft_model, args.opd_model, args.prompts, args.out, args.chart)
+    cfg = load_section("evaluate", params)
+    metrics = run(cfg, load_section("engine", params), args.models, args.sft_model, args.opd_model, args.prompts, args.out,
+                  args.chart)
+    cli.summary(args, f"{3 * metrics['n_prompts'] * cfg.n_samples:,} responses")  # teacher, SFT and OPD students
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
 
 def main(argv=None):
     args = cli.stage_args(__doc__, argv, "prompts", "out")
-    run(load_section("models", args.params), load_section("task", args.params), args.prompts, args.out)
+    cfg = load_section("models", args.params)
+    run(cfg, load_section("task", args.params), args.prompts, args.out)
+    cli.summary(args, *([f"{cfg.teacher_training.steps:,} teacher steps"] if cfg.teacher == "toy" else []))
 
 
 if __name__ == "__main__":

@@ -284,7 +284,9 @@ def main(argv=None):
     params = args.params
     refresh = Refresh(load_section("rollouts", params), load_section("teacher_logprobs", params),
                       load_section("engine", params), args.models, args.prompts)
-    run(load_section("opd", params), args.sft_model, args.rollouts, args.teacher_cache, args.out, args.rounds, refresh)
+    cfg = load_section("opd", params)
+    run(cfg, args.sft_model, args.rollouts, args.teacher_cache, args.out, args.rounds, refresh)
+    cli.summary(args, f"{cfg.steps:,} steps")
 
 
 if __name__ == "__main__":

@@ -355,6 +355,7 @@ def main(argv=None):
     args = cli.stage_args(__doc__, argv, "out")
     run(load_section("task", args.params), args.out, load_section("prompts", args.params),
         load_section("models", args.params).student)
+    cli.summary(args)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ def main(argv=None):
     params = args.params
     run(load_section("rollouts", params), load_section("engine", params), args.policy, args.prompts, args.out,
         worker=args.worker, replace_stale=args.replace_stale)
+    cli.summary(args)
 
 
 if __name__ == "__main__":

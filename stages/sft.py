@@ -40,7 +40,9 @@ def run(cfg: TrainConfig, models_dir: Path, sft_data: Path, out: Path) -> Path:
 
 def main(argv=None):
     args = cli.stage_args(__doc__, argv, "models", "sft_data", "out")
-    run(load_section("sft", args.params), args.models, args.sft_data, args.out)
+    cfg = load_section("sft", args.params)
+    run(cfg, args.models, args.sft_data, args.out)
+    cli.summary(args, f"{cfg.steps:,} steps")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def main(argv=None):
     params = args.params
     run(load_section("sft_data", params), load_section("engine", params), args.models, args.prompts, args.out,
         replace_stale=args.replace_stale)
+    cli.summary(args)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def main(argv=None):
     params = args.params
     run(load_section("teacher_logprobs", params), load_section("engine", params), args.models, args.rollouts, args.out,
         worker=args.worker, replace_stale=args.replace_stale)
+    cli.summary(args)
 
 
 if __name__ == "__main__":
