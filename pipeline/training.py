@@ -138,7 +138,9 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         log_every_n_steps=min(10, cfg.steps),
         callbacks=callbacks,
         use_distributed_sampler=False,  # ShardBatchSampler gives each replica its own batches
-        reload_dataloaders_every_n_epochs=1,  # an OPD refresh round is an epoch, on data sampled as it begins
+        # An OPD refresh round is an epoch, on data sampled as it begins. Only then: a reload re-iterates the
+        # finished loader, which would move the epoch order of a ShardBatchSampler that counts its own passes.
+        reload_dataloaders_every_n_epochs=int(getattr(data, "reload_every_epoch", False)),
         enable_checkpointing=checkpointing,
         enable_model_summary=False,
         enable_progress_bar=terminal,

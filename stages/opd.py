@@ -193,6 +193,8 @@ class RoundsData(L.LightningDataModule):
     is `steps_per_round` optimizer steps on the offline cache (r = 0) or on the rollouts the current
     student samples, and the teacher scores, as the round begins."""
 
+    reload_every_epoch = True  # training.train reloads the data each epoch: the next round
+
     def __init__(self, cfg: OpdConfig, offline: tuple[data.ShardedRows, list[int]], pad_id: int, check,
                  rounds: _Rounds | None):
         """`offline`: round 0's rows and lengths (open_cache); `check(provenance)` vets a new round's cache."""

@@ -162,3 +162,28 @@ def test_ddp_with_two_cpu_processes_trains_one_model(tmp_path):
     for name, value in ranks[0]["weights"].items():
         assert torch.equal(value, ranks[1]["weights"][name]), name
     assert any(not torch.equal(v, initial[n]) for n, v in ranks[0]["weights"].items())
+
+
+def test_training_sees_each_epoch_of_the_sampler_once_in_order(tmp_path, monkeypatch):
+    """Across epoch boundaries the batches are exactly the sampler's epochs 0, 1, 2, ... (a dataloader
+    reloaded or re-iterated by Lightning must not skip or repeat an epoch's order)."""
+    from pipeline import data, models, toy_task, training
+    from pipeline.config import TrainConfig, ToyModelConfig
+
+    tokenizer = toy_task.build_tokenizer()
+    rows = [{"prompt_ids": [1, 3 + i % 7], "response_ids": [3 + i % 11, 2]} for i in range(40)]
+    cfg = TrainConfig(steps=10, batch_size=8)  # 5 batches an epoch: 10 steps cross two boundaries
+    seen = []
+    step = training.DistillModule.training_step
+
+    def record(self, batch, batch_idx):
+        seen.append(batch["input_ids"].tolist())
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(training.DistillModule, "training_step", record)
+    model = models.build_toy_model(ToyModelConfig(64, 1, 64, 1), tokenizer, seed=0)
+    training.train(model, data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed), cfg, tmp_path)
+    sampler = data.ShardBatchSampler([4] * len(rows), [len(rows)], cfg.batch_size, cfg.seed)
+    expected = [index for epoch in range(2) for index in sampler._batches(epoch)]
+    assert seen == [data.collate([rows[i] for i in batch], tokenizer.pad_token_id)["input_ids"].tolist()
+                    for batch in expected]
