@@ -210,5 +210,5 @@ def test_vllm_evaluate_matches_transformers(tiny_run, vllm_params, tmp_path):
     report the transformers engine's accuracies exactly."""
     _stage("evaluate", vllm_params, "--models", str(tiny_run / "models/base"), "--sft-model", str(tiny_run / "models/sft"),
            "--opd-model", str(tiny_run / "models/opd"), "--prompts", str(tiny_run / "data/prompts"),
-           "--out", str(tmp_path / "eval.json"))
+           "--out", str(tmp_path / "eval.json"), "--chart", str(tmp_path / "accuracy.json"))
     assert json.loads((tmp_path / "eval.json").read_text()) == json.loads((tiny_run / "metrics/eval.json").read_text())
