@@ -323,6 +323,11 @@ class OpdConfig(TrainConfig):
     """Optimizer steps between online refreshes, where the current student samples the next prompts and the
     teacher scores them (0: never, pure offline OPD; 1: standard online OPD)."""
 
+    @property
+    def steps_per_round(self) -> int:
+        """Optimizer steps of one round: refresh_every, or all of training when there is no refresh."""
+        return self.refresh_every or self.steps
+
     def __post_init__(self):
         super().__post_init__()
         for name, valid in (("loss", LOSSES), ("topk_tail", TAILS), ("token_select", TOKEN_SELECTIONS),

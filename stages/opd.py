@@ -149,7 +149,7 @@ class _Rounds:
     """Writes the data of refresh rounds: the current student samples, the teacher scores."""
 
     def __init__(self, cfg: OpdConfig, refresh: Refresh, rounds_dir: Path, tokenizer):
-        self.cfg, self.refresh, self.dir, self.tokenizer = cfg, refresh, rounds_dir, tokenizer
+        self.refresh, self.dir, self.tokenizer = refresh, rounds_dir, tokenizer
         self.prompts = read_split(refresh.prompts_dir, "opd")
         samples = cfg.refresh_every * cfg.batch_size * cfg.accumulate_grad_batches * cfg.devices
         self.per_round = math.ceil(samples / refresh.rollouts.n)
@@ -190,7 +190,7 @@ class _Rounds:
 
 class RoundsData(L.LightningDataModule):
     """OPD batches, one round per Lightning epoch (the trainer reloads the data every epoch): round r
-    is `steps_per_round` optimizer steps on the offline cache (r = 0) or on the rollouts the current
+    is `opd.steps_per_round` optimizer steps on the offline cache (r = 0) or on the rollouts the current
     student samples, and the teacher scores, as the round begins."""
 
     reload_every_epoch = True  # training.train reloads the data each epoch: the next round
@@ -200,12 +200,11 @@ class RoundsData(L.LightningDataModule):
         """`offline`: round 0's rows and lengths (open_cache); `check(provenance)` vets a new round's cache."""
         super().__init__()
         self.cfg, self.offline, self.pad_id, self.check, self.rounds = cfg, offline, pad_id, check, rounds
-        self.steps_per_round = cfg.refresh_every or cfg.steps
 
     def train_dataloader(self):
         trainer, cfg = self.trainer, self.cfg
         round_ = trainer.current_epoch
-        start_step = round_ * self.steps_per_round
+        start_step = round_ * cfg.steps_per_round
         if round_ == 0:
             rows, lengths = self.offline
         else:
@@ -216,7 +215,7 @@ class RoundsData(L.LightningDataModule):
             rows, lengths, provenance = open_cache(*dirs, cfg.max_shards_in_memory)
             self.check(provenance)
         return data.batch_loader(rows, lengths, cfg.batch_size, self.pad_id, cfg.seed, trainer, start_step,
-                                 self.steps_per_round * trainer.accumulate_grad_batches)
+                                 cfg.steps_per_round * trainer.accumulate_grad_batches)
 
 
 def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, out: Path,
@@ -229,7 +228,7 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
     model = models.load_model(sft_model)
     tokenizer = models.load_tokenizer(sft_model)
     rounds = _Rounds(cfg, refresh, rounds_dir, tokenizer) if cfg.refresh_every else None
-    num_rounds = math.ceil(cfg.steps / (cfg.refresh_every or cfg.steps))
+    num_rounds = math.ceil(cfg.steps / cfg.steps_per_round)
     if rounds_dir is not None:
         _remove_rounds_beyond(rounds_dir, num_rounds)
     batches = RoundsData(cfg, (rows, lengths), tokenizer.pad_token_id,
@@ -268,7 +267,7 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
 
 
 def _round_record(round_: int, dirs: tuple[Path, Path], cfg: OpdConfig) -> dict:
-    steps_per_round = cfg.refresh_every or cfg.steps
+    steps_per_round = cfg.steps_per_round
     rows = sum(pq.ParquetFile(path).metadata.num_rows for path in shards.list_shards(dirs[0]))
     return {"round": round_, "steps": [round_ * steps_per_round, min((round_ + 1) * steps_per_round, cfg.steps)],
             "rows": rows, "rollouts": str(dirs[0]), "teacher_cache": str(dirs[1])}

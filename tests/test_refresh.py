@@ -85,7 +85,7 @@ def test_without_refresh_the_rounds_manifest_lists_the_offline_cache_only(run_co
 
 
 @pytest.mark.parametrize("crash", ["scoring", "training"])
-def test_a_refresh_run_killed_mid_way_resumes_to_the_uninterrupted_result(run_copy, monkeypatch, crash):
+def test_a_refresh_run_killed_mid_way_resumes_to_the_uninterrupted_result(run_copy, monkeypatch, crash_at_step, crash):
     """Online OPD (refresh every step) for 4 steps: a crash while the teacher scores round 2, or while
     round 3 trains, then a rerun: same rounds, row for row, and the same final weights, bit for bit."""
     cfg = _cfg(steps=4, refresh_every=1, checkpoint_every=1)
@@ -102,14 +102,7 @@ def test_a_refresh_run_killed_mid_way_resumes_to_the_uninterrupted_result(run_co
 
         monkeypatch.setattr(opd.teacher_stage, "run", crash_in_round_2)
     else:
-        step = training.DistillModule.training_step
-
-        def crash_at_step_4(self, batch, batch_idx):
-            if self.global_step == 3:
-                raise RuntimeError("simulated crash")
-            return step(self, batch, batch_idx)
-
-        monkeypatch.setattr(training.DistillModule, "training_step", crash_at_step_4)
+        crash_at_step(3)  # round 3 trains optimizer step 4
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(run_copy, cfg, "resumed")
     monkeypatch.undo()

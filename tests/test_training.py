@@ -74,7 +74,7 @@ def _toy_opd_rows(vocab, k=4, n=16, seed=0):
     ]
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, crash_at_step):
     """16 rows in batches of 4: a checkpoint at step 3 is mid-epoch. A crash at step 5, then a rerun:
     the final weights equal those of one uninterrupted 6-step run, bit for bit."""
     from pipeline import data, models, toy_task, training
@@ -94,18 +94,11 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, m
     reference = run(tmp_path / "uninterrupted")
     assert not (tmp_path / "uninterrupted").exists()  # removed once training completed
 
-    step = training.DistillModule.training_step
-
-    def crash_at_step_5(self, batch, batch_idx):
-        if self.global_step == 4:
-            raise RuntimeError("simulated crash")
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(training.DistillModule, "training_step", crash_at_step_5)
+    crash_at_step(4)  # optimizer step 5
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
-    monkeypatch.setattr(training.DistillModule, "training_step", step)
+    monkeypatch.undo()
     resumed = run(tmp_path / "ckpt")
     assert all(torch.equal(a, b) for a, b in zip(reference, resumed))
 
