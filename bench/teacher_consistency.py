@@ -3,16 +3,19 @@
     python bench/teacher_consistency.py --seeds 0 1 2 [--params params.yaml] [--root runs/seeds]
 
 The paper's key condition, tested: per seed, the whole pipeline runs with teacher A (bench/seeds.py's
-run, reused when it is already done under the same --root). Then teacher B is trained by the `models`
-stage with `models.seed` and `models.teacher_training.seed` set to seed + 1000: the same size and data
-as A, another initialisation and data order. B scores A's rollouts (the SFT student's, as for A), and
-OPD starts from the same SFT student on B's cache, which the `opd` stage accepts only through the
-explicit override `opd.allow_teacher_mismatch: true`. `evaluate`, given B and OPD(B), measures both on
-the same held-out prompts. B's stages are dvc.yaml's commands with B's params and B's own outputs
-(models_B, data/teacher_cache_B, models/opd_B, metrics/eval_B.json under the seed's tree) in place of
-A's, run as stage CLIs like `dvc repro` runs them, so the numbers are the pipeline's. Prints a
-markdown table (accuracy per seed and the mean) and writes the same numbers to
-<root>/teacher_consistency.json.
+run, reused when it is already done under the same --root). Then teacher B, of A's size and data but
+another initialisation and data order, is trained by the `models` stage with `models.seed` and
+`models.teacher_training.seed` set to seed + 1000, + 1001, ... until a candidate's held-out accuracy
+is within B_TOLERANCE of A's (the toy teacher's accuracy varies a lot from seed to seed, and a weaker
+B would confound inconsistency with teacher quality); after B_CANDIDATES without one, the closest is
+taken. B scores A's rollouts (the SFT student's, as for A), and OPD starts from the same SFT student
+on B's cache, which the `opd` stage accepts only through the explicit override
+`opd.allow_teacher_mismatch: true`. `evaluate`, given B and OPD(B), measures both on the same
+held-out prompts. B's stages are dvc.yaml's commands with B's params and B's own outputs
+(models_B<seed>, data/teacher_cache_B, models/opd_B, metrics/eval_B.json under the seed's tree) in
+place of A's, run as stage CLIs like `dvc repro` runs them, so the numbers are the pipeline's. Prints
+a markdown table (accuracy per seed and the mean) and writes the same numbers, with every candidate
+B tried, to <root>/teacher_consistency.json.
 """
 
 from __future__ import annotations
@@ -30,17 +33,21 @@ sys.path.insert(0, str(ROOT))
 from bench.seeds import means, prepare_seed, print_table, run_stages, seed_args, stage_commands  # noqa: E402
 
 TEACHER_B_SEED_OFFSET = 1000  # far above any seed a bench run uses, so B never shares a seed with another run's A
-B_STAGES = ("models", "teacher_logprobs", "opd", "evaluate")
-"""The stages run again for teacher B: B itself, its cache of A's rollouts, OPD on that cache, evaluation."""
+B_TOLERANCE = 0.05
+"""Largest gap between B's and A's held-out accuracy that counts as similar (2.5 standard errors at 0.9 on 500 prompts)."""
+B_CANDIDATES = 8
+"""Candidate B seeds tried at most per seed (each is one `models` stage, about 2 minutes on 2 CPU cores)."""
+B_STAGES = ("teacher_logprobs", "opd", "evaluate")
+"""The stages run again with teacher B, once it is chosen: its cache of A's rollouts, OPD on that cache, evaluation."""
 B_OUTPUTS = {
-    "models/base": "models_B",
     "data/teacher_cache": "data/teacher_cache_B",
     "data/opd_rounds": "data/opd_rounds_B",
     "models/opd": "models/opd_B",
     "metrics/eval.json": "metrics/eval_B.json",
     "metrics/accuracy.json": "metrics/accuracy_B.json",
 }
-"""Where B's run writes each output of those stages (dvc.yaml's paths, under the seed's tree); A's stay as they are."""
+"""Where B's run writes each output of those stages (dvc.yaml's paths, under the seed's tree); A's stay as they are.
+Candidate B teachers (the `models` stage) are written to models_B<seed>."""
 COLUMNS = {
     "teacher_A": "teacher A",
     "teacher_B": "teacher B",
@@ -50,10 +57,10 @@ COLUMNS = {
 }
 
 
-def teacher_b_params(params: dict, seed: int) -> dict:
+def teacher_b_params(params: dict, b_seed: int) -> dict:
     """The seed's params with teacher B's seeds and the override that lets OPD train on B's cache."""
     params = json.loads(json.dumps(params))
-    params["models"]["seed"] = params["models"]["teacher_training"]["seed"] = seed + TEACHER_B_SEED_OFFSET
+    params["models"]["seed"] = params["models"]["teacher_training"]["seed"] = b_seed
     params.setdefault("opd", {})["allow_teacher_mismatch"] = True
     return params
 
@@ -63,9 +70,17 @@ def stage_outputs(stage: dict) -> list[str]:
     return [e if isinstance(e, str) else next(iter(e)) for e in stage.get("outs", []) + stage.get("metrics", [])]
 
 
+def candidate_command(commands: list[tuple[str, list[str]]], params_a: Path, params_b: Path, out: Path,
+                      b_seed: int) -> tuple[str, list[str]]:
+    """The `models` stage of candidate B `b_seed`: B's params, its own output directory models_B<b_seed>."""
+    moved = {str(params_a): str(params_b), str(out / "models/base"): str(out / f"models_B{b_seed}")}
+    return f"models_B{b_seed}", [moved.get(arg, arg) for arg in dict(commands)["models"]]
+
+
 def teacher_b_commands(commands: list[tuple[str, list[str]]], params_a: Path, params_b: Path,
-                       out: Path) -> list[tuple[str, list[str]]]:
-    """Teacher B's stages: the pipeline's own commands for them, with B's params and B's outputs in place of A's.
+                       out: Path, b_seed: int) -> list[tuple[str, list[str]]]:
+    """Teacher B's stages: the pipeline's own commands for them, with B's params, B's models
+    (models_B<b_seed>) and B's outputs in place of A's.
 
     Every path is swapped, whichever option carries it, so that e.g. OPD's refresh rounds (`--models`)
     are scored by B too; an output dvc.yaml adds to these stages must be given a B path first.
@@ -75,9 +90,39 @@ def teacher_b_commands(commands: list[tuple[str, list[str]]], params_a: Path, pa
     if unmapped:
         raise RuntimeError(f"dvc.yaml's stages {B_STAGES} write {unmapped}, which teacher B's run would share with "
                            f"A's. Fix: give each a path of its own in B_OUTPUTS ({Path(__file__).name}).")
-    moved = {str(params_a): str(params_b), **{str(out / a): str(out / b) for a, b in B_OUTPUTS.items()}}
+    moved = {str(params_a): str(params_b), str(out / "models/base"): str(out / f"models_B{b_seed}"),
+             **{str(out / a): str(out / b) for a, b in B_OUTPUTS.items()}}
     a = dict(commands)
     return [(f"{name}_B", [moved.get(arg, arg) for arg in a[name]]) for name in B_STAGES]
+
+
+def teacher_accuracy(models_dir: Path, params_file: Path, prompts_dir: Path) -> float:
+    """Held-out accuracy of the teacher in `models_dir`, as the evaluate stage measures it."""
+    from pipeline import models
+    from pipeline.config import load_section
+    from stages import evaluate
+    from stages.prompts import read_chat, read_split
+
+    teacher = models.read_manifest(models_dir)["teacher"]["path"]
+    return evaluate.accuracy(teacher, read_split(prompts_dir, "eval"), load_section("evaluate", params_file),
+                             load_section("engine", params_file), read_chat(prompts_dir))["accuracy"]
+
+
+def choose_teacher_b(commands: list[tuple[str, list[str]]], params_a: Path, out: Path, seed: int,
+                     accuracy_a: float) -> tuple[int, dict[int, float]]:
+    """Train candidate B teachers (seed + 1000, + 1001, ...) until one is within B_TOLERANCE of A's accuracy;
+    return the chosen seed (the closest one if none is) and every candidate's accuracy. Candidates
+    already trained under `out` are reused."""
+    tried = {}
+    for b_seed in range(seed + TEACHER_B_SEED_OFFSET, seed + TEACHER_B_SEED_OFFSET + B_CANDIDATES):
+        params_b = out / f"params_B{b_seed}.yaml"
+        params_b.write_text(yaml.safe_dump(teacher_b_params(yaml.safe_load(params_a.read_text()), b_seed)))
+        run_stages(commands + [candidate_command(commands, params_a, params_b, out, b_seed)], out)
+        tried[b_seed] = teacher_accuracy(out / f"models_B{b_seed}", params_b, out / "data/prompts")
+        print(f"seed {seed}: candidate teacher B {b_seed}: accuracy {tried[b_seed]:.3f} (A: {accuracy_a:.3f})", flush=True)
+        if abs(tried[b_seed] - accuracy_a) <= B_TOLERANCE:
+            break
+    return min(tried, key=lambda b: abs(tried[b] - accuracy_a)), tried
 
 
 def accuracies(out: Path) -> dict[str, float]:
@@ -93,14 +138,17 @@ def accuracies(out: Path) -> dict[str, float]:
     }
 
 
-def run_seed(params: dict, seed: int, root: Path) -> dict[str, float]:
+def run_seed(params: dict, seed: int, root: Path) -> dict:
     out, params_a = prepare_seed(params, seed, root)
-    params_b = out / "params_B.yaml"
-    params_b.write_text(yaml.safe_dump(teacher_b_params(yaml.safe_load(params_a.read_text()), seed)))
     commands = stage_commands(params_a, out)
+    run_stages(commands, out)
+    accuracy_a = json.loads((out / "metrics" / "eval.json").read_text())["teacher"]["accuracy"]
+    b_seed, tried = choose_teacher_b(commands, params_a, out, seed, accuracy_a)
+    params_b = out / f"params_B{b_seed}.yaml"
     # One list, so a rerun of any of A's stages reruns B's too (they read A's SFT student and rollouts).
-    run_stages(commands + teacher_b_commands(commands, params_a, params_b, out), out)
-    return accuracies(out)
+    run_stages(commands + [candidate_command(commands, params_a, params_b, out, b_seed)]
+               + teacher_b_commands(commands, params_a, params_b, out, b_seed), out)
+    return {**accuracies(out), "teacher_B_seed": b_seed, "candidates": tried}
 
 
 def run(params_path: Path, seeds: list[int], root: Path) -> dict:
@@ -113,7 +161,8 @@ def run(params_path: Path, seeds: list[int], root: Path) -> dict:
     print_table(results, COLUMNS)
     report = {
         "params": str(params_path),
-        "teacher_B_seed": f"seed + {TEACHER_B_SEED_OFFSET}",
+        "teacher_B": f"the first of seed + {TEACHER_B_SEED_OFFSET}, + {TEACHER_B_SEED_OFFSET + 1}, ... within "
+                     f"{B_TOLERANCE} of teacher A's accuracy (at most {B_CANDIDATES} tried; else the closest)",
         "seeds": results,
         "mean": means(results, COLUMNS),
     }

@@ -35,8 +35,41 @@ def tiny_run(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def tiny_seed_root(tmp_path_factory) -> Path:
+    """A --root of the bench scripts with seed 0 of the tiny params run through every stage of dvc.yaml
+    (bench/seeds.py's commands), shared by their end-to-end tests, which reuse its finished stages."""
+    import yaml
+
+    from bench.seeds import prepare_seed, run_stages, stage_commands
+
+    root = tmp_path_factory.mktemp("bench")
+    out, params = prepare_seed(yaml.safe_load(TINY_PARAMS.read_text()), 0, root)
+    run_stages(stage_commands(params, out), out)
+    return root
+
+
 @pytest.fixture
 def run_copy(tiny_run, tmp_path) -> Path:
     """A private copy of the tiny run, for tests that delete or damage files."""
     shutil.copytree(tiny_run, tmp_path / "run")
     return tmp_path / "run"
+
+
+@pytest.fixture
+def crash_at_step(monkeypatch):
+    """`crash_at_step(n)`: from now on, training raises RuntimeError("simulated crash") when it reaches
+    global step n (after n optimizer steps); `monkeypatch.undo()` lifts it, as for a rerun."""
+    from pipeline import training
+
+    step = training.DistillModule.training_step
+
+    def arm(global_step: int) -> None:
+        def crash(self, batch, batch_idx):
+            if self.global_step == global_step:
+                raise RuntimeError("simulated crash")
+            return step(self, batch, batch_idx)
+
+        monkeypatch.setattr(training.DistillModule, "training_step", crash)
+
+    return arm

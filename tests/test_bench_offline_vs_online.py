@@ -30,12 +30,12 @@ def test_each_setting_runs_opd_and_evaluate_with_its_refresh_and_outputs(tmp_pat
         assert opd[opd.index("--teacher-cache") + 1] == str(out / "data/teacher_cache")  # round 0 is shared
 
 
-@pytest.mark.slow  # ten stage processes: about 2 minutes on 2 CPU cores
-def test_offline_and_online_on_tiny_params(tmp_path, monkeypatch):
+@pytest.mark.slow  # four stage processes after the shared seed run: about a minute on 2 CPU cores
+def test_offline_and_online_on_tiny_params(tiny_seed_root, monkeypatch):
     monkeypatch.setattr(study, "SETTINGS", {"offline": study.SETTINGS["offline"], "online": study.SETTINGS["online"]})
     params = yaml.safe_load(TINY_PARAMS.read_text())
-    results = study.run_seed(params, 0, tmp_path)
-    out = tmp_path / "seed0"
+    results = study.run_seed(params, 0, tiny_seed_root)
+    out = tiny_seed_root / "seed0"
     offline, online = results["offline"], results["online"]
     rounds = json.loads((out / "data/opd_rounds_online/rounds.json").read_text())["rounds"]
     assert len(rounds) == params["opd"]["steps"]  # a refresh before every step but the first
