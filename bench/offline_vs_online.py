@@ -1,6 +1,6 @@
 """Offline OPD, periodic refresh and standard online OPD on the embedded task: accuracy and wall time.
 
-    python bench/offline_vs_online.py --seeds 0 1 2 [--params params.yaml] [--root runs/seeds]
+    python bench/offline_vs_online.py --seeds 0 1 2 [--params params.yaml] [--set section.key=value ...] [--root runs/seeds]
 
 Per seed, the pipeline up to the teacher cache runs once (bench/seeds.py; its runs under the same
 --root are reused). Then the opd stage runs once per setting, all with the same number of student
@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.seeds import prepare_seed, print_table, run_stages, seed_args, stage_commands, stage_seconds  # noqa: E402
+from bench.seeds import load_params, prepare_seed, print_table, run_stages, seed_args, stage_commands, stage_seconds  # noqa: E402
 
 SETTINGS = {"offline": lambda steps: 0, "refresh_25": lambda steps: max(1, steps // 4), "online": lambda steps: 1}
 """Setting name -> opd.refresh_every as a function of opd.steps."""
@@ -81,7 +81,7 @@ def print_tables(results: dict[int, dict[str, dict[str, float]]]) -> None:
 
 def main(argv=None) -> None:
     args = seed_args(__doc__, argv)
-    params = yaml.safe_load(args.params.read_text())
+    params = load_params(args.params)
     results = {}
     for seed in args.seeds:
         results[seed] = run_seed(params, seed, args.root)

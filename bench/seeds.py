@@ -1,6 +1,6 @@
 """Run the whole pipeline (the commands of dvc.yaml, in order) for several seeds; print the accuracies.
 
-    python bench/seeds.py --seeds 0 1 2 [--params params.yaml] [--root runs/seeds]
+    python bench/seeds.py --seeds 0 1 2 [--params params.yaml] [--set section.key=value ...] [--root runs/seeds]
 
 Each seed gets its own output tree under --root and its own params file: the given params with every
 training and sampling seed set to the seed (the prompts, `task.seed`, stay fixed, so every seed is
@@ -8,7 +8,7 @@ evaluated on the same held-out prompts). Same commands as `dvc repro`, so the nu
 pipeline's numbers.
 
 A stage that finished is marked in <root>/seed<N>/.done/<stage> with its command line, the sha256
-of its params file, a digest of the stages before it and its wall time; a rerun skips the stages
+of the params sections it reads, a digest of the stages before it and its wall time; a rerun skips the stages
 whose mark still matches, so other bench scripts (bench/teacher_consistency.py) reuse a seed's run
 under the same --root.
 """
@@ -28,6 +28,11 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.cli import stage_sections  # noqa: E402
+from pipeline.config import Params, load_params  # noqa: E402
+
 SEEDED = [("models", "seed"), ("sft", "seed"), ("rollouts", "seed"), ("opd", "seed")]
 OUTPUT_PREFIXES = ("data/", "models/", "metrics/")
 COLUMNS = {"teacher": "teacher", "sft_student": "SFT student", "opd_student": "OPD student"}
@@ -68,9 +73,14 @@ def stage_commands(params_file: Path, out: Path) -> list[tuple[str, list[str]]]:
 
 
 def stage_key(cmd: list[str], upstream: str) -> dict:
-    """What a finished stage's marker must hold for it to be skipped: any change may make its outputs stale."""
-    params = Path(cmd[cmd.index("--params") + 1])
-    return {"command": shlex.join(cmd), "params_sha256": hashlib.sha256(params.read_bytes()).hexdigest(),
+    """What a finished stage's marker must hold for it to be skipped: its command line, the params
+    sections it reads (dvc.yaml's `params` of its stage, as `dvc repro` tracks them) and the stages
+    before it; any change may make its outputs stale."""
+    params = yaml.safe_load(Path(cmd[cmd.index("--params") + 1]).read_text())
+    module = cmd[cmd.index("-m") + 1] if "-m" in cmd else ""
+    sections = stage_sections(f"python -m {module}")  # none for a command that is not a pipeline stage: all of it
+    read = {section: params.get(section) for section in sections} if sections else params
+    return {"command": shlex.join(cmd), "params_sha256": hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest(),
             "upstream": upstream}
 
 
@@ -129,12 +139,16 @@ def seed_args(doc: str, argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "seeds")
-    return parser.parse_args(argv)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a key of the params file, as for a stage (repeatable)")
+    args = parser.parse_args(argv)
+    args.params = Params(args.params, tuple(args.overrides))
+    return args
 
 
 def main() -> None:
     args = seed_args(__doc__)
-    params = yaml.safe_load(args.params.read_text())
+    params = load_params(args.params)
     results = {}
     for seed in args.seeds:
         out, params_file = prepare_seed(params, seed, args.root)

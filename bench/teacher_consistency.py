@@ -1,6 +1,6 @@
 """Teacher consistency: OPD scored by the teacher that wrote the SFT data (A) versus by another teacher (B).
 
-    python bench/teacher_consistency.py --seeds 0 1 2 [--params params.yaml] [--root runs/seeds]
+    python bench/teacher_consistency.py --seeds 0 1 2 [--params params.yaml] [--set section.key=value ...] [--root runs/seeds]
 
 The paper's key condition, tested: per seed, the whole pipeline runs with teacher A (bench/seeds.py's
 run, reused when it is already done under the same --root). Then teacher B, of A's size and data but
@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.seeds import means, prepare_seed, print_table, run_stages, seed_args, stage_commands  # noqa: E402
+from bench.seeds import Params, load_params, means, prepare_seed, print_table, run_stages, seed_args, stage_commands  # noqa: E402
 
 TEACHER_B_SEED_OFFSET = 1000  # far above any seed a bench run uses, so B never shares a seed with another run's A
 B_TOLERANCE = 0.05
@@ -151,8 +151,8 @@ def run_seed(params: dict, seed: int, root: Path) -> dict:
     return {**accuracies(out), "teacher_B_seed": b_seed, "candidates": tried}
 
 
-def run(params_path: Path, seeds: list[int], root: Path) -> dict:
-    params = yaml.safe_load(params_path.read_text())
+def run(params_path: Path | Params, seeds: list[int], root: Path) -> dict:
+    params = load_params(params_path)
     results = {}
     for seed in seeds:
         start = time.perf_counter()

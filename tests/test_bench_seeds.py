@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.seeds import run_stages, seeded_params, stage_commands, stage_seconds
-from tests.conftest import ROOT
+from bench.seeds import load_params, run_stages, seed_args, seeded_params, stage_commands, stage_key, stage_seconds
+from tests.conftest import ROOT, TINY_PARAMS
 
 
 def test_stage_commands_follow_dvc_yaml_with_paths_moved(tmp_path):
@@ -54,6 +54,19 @@ def test_run_stages_skips_done_stages_and_reruns_when_the_params_change(tmp_path
     assert 0 < stage_seconds(tmp_path, "first") < 60
 
 
+def test_a_stage_key_changes_with_the_params_sections_the_stage_reads_only(tmp_path):
+    """Like `dvc repro`: a new opd.lr makes opd stale, not the stages before it."""
+    params_file = tmp_path / "params.yaml"
+    params = yaml.safe_load(TINY_PARAMS.read_text())
+    params_file.write_text(yaml.safe_dump(params))
+    commands = dict(stage_commands(params_file, tmp_path))
+    before = {name: stage_key(cmd, "") for name, cmd in commands.items()}
+    params["opd"]["lr"] = 0.123
+    params_file.write_text(yaml.safe_dump(params))
+    changed = [name for name, cmd in commands.items() if stage_key(cmd, "") != before[name]]
+    assert changed == ["opd"]
+
+
 def test_run_stages_reruns_every_stage_after_one_that_ran(tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text("a: 1\n")
@@ -79,3 +92,12 @@ def test_a_stage_that_fails_is_not_left_marked_done(tmp_path):
         run_stages(commands, tmp_path)  # "second" reruns with an unchanged mark, and fails
     flag.unlink()
     assert run_stages(commands, tmp_path) == ["second"]
+
+
+def test_the_bench_scripts_take_overrides_of_the_params_file():
+    args = seed_args("bench\n", ["--params", str(TINY_PARAMS), "--set", "opd.warmup_steps=7", "--set", "sft.lr=0.5"])
+    params = load_params(args.params)
+    assert params["opd"]["warmup_steps"] == 7 and params["sft"]["lr"] == 0.5
+    assert {k: v for k, v in params.items() if k not in ("opd", "sft")} == \
+        {k: v for k, v in yaml.safe_load(TINY_PARAMS.read_text()).items() if k not in ("opd", "sft")}
+    assert str(args.params) == f"{TINY_PARAMS} --set opd.warmup_steps=7 --set sft.lr=0.5"
