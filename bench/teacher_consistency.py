@@ -8,8 +8,8 @@ another initialisation and data order, is trained by the `models` stage with `mo
 `models.teacher_training.seed` set to seed + 1000, + 1001, ... until a candidate's held-out accuracy
 is at least A's minus B_TOLERANCE (the toy teacher's accuracy varies a lot from seed to seed, and a
 weaker B would confound inconsistency with teacher quality; a stronger B only works against finding
-the paper's effect, so it is accepted); after B_CANDIDATES without one, the most accurate is taken. B scores A's rollouts (the SFT student's, as for A), and OPD starts from the same SFT student
-on B's cache, which the `opd` stage accepts only through the explicit override
+the paper's effect, so it is accepted); after B_CANDIDATES without one, the most accurate is taken.
+B scores A's rollouts (the SFT student's, as for A), and OPD starts from the same SFT student on B's cache, which the `opd` stage accepts only through the explicit override
 `opd.allow_teacher_mismatch: true`. `evaluate`, given B and OPD(B), measures both on the same
 held-out prompts. B's stages are dvc.yaml's commands with B's params and B's own outputs
 (models_B<seed>, data/teacher_cache_B, models/opd_B, metrics/eval_B.json under the seed's tree) in
@@ -70,10 +70,15 @@ def stage_outputs(stage: dict) -> list[str]:
     return [e if isinstance(e, str) else next(iter(e)) for e in stage.get("outs", []) + stage.get("metrics", [])]
 
 
+def _b_paths(params_a: Path, params_b: Path, out: Path, b_seed: int) -> dict[str, str]:
+    """A's params and models directory -> candidate B's."""
+    return {str(params_a): str(params_b), str(out / "models/base"): str(out / f"models_B{b_seed}")}
+
+
 def candidate_command(commands: list[tuple[str, list[str]]], params_a: Path, params_b: Path, out: Path,
                       b_seed: int) -> tuple[str, list[str]]:
     """The `models` stage of candidate B `b_seed`: B's params, its own output directory models_B<b_seed>."""
-    moved = {str(params_a): str(params_b), str(out / "models/base"): str(out / f"models_B{b_seed}")}
+    moved = _b_paths(params_a, params_b, out, b_seed)
     return f"models_B{b_seed}", [moved.get(arg, arg) for arg in dict(commands)["models"]]
 
 
@@ -90,8 +95,7 @@ def teacher_b_commands(commands: list[tuple[str, list[str]]], params_a: Path, pa
     if unmapped:
         raise RuntimeError(f"dvc.yaml's stages {B_STAGES} write {unmapped}, which teacher B's run would share with "
                            f"A's. Fix: give each a path of its own in B_OUTPUTS ({Path(__file__).name}).")
-    moved = {str(params_a): str(params_b), str(out / "models/base"): str(out / f"models_B{b_seed}"),
-             **{str(out / a): str(out / b) for a, b in B_OUTPUTS.items()}}
+    moved = {**_b_paths(params_a, params_b, out, b_seed), **{str(out / a): str(out / b) for a, b in B_OUTPUTS.items()}}
     a = dict(commands)
     return [(f"{name}_B", [moved.get(arg, arg) for arg in a[name]]) for name in B_STAGES]
 
