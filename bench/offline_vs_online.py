@@ -28,8 +28,8 @@ from bench.seeds import load_params, prepare_seed, print_table, run_stages, seed
 
 SETTINGS = {"offline": lambda steps: 0, "refresh_25": lambda steps: max(1, steps // 4), "online": lambda steps: 1}
 """Setting name -> opd.refresh_every as a function of opd.steps."""
-SHARED = ("prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs")
-"""The stages every setting shares (round 0 and what it is sampled from)."""
+SHARED = ("prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "control_data", "control")
+"""The stages every setting shares (round 0, what it is sampled from, and the control evaluate reports beside it)."""
 
 
 def setting_commands(params_file: Path, out: Path, setting: str) -> list[tuple[str, list[str]]]:

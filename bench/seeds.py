@@ -1,6 +1,6 @@
 """Run the whole pipeline (the commands of dvc.yaml, in order) for several seeds; print the accuracies.
 
-    python bench/seeds.py --seeds 0 1 2 [--params params.yaml] [--set section.key=value ...] [--root runs/seeds]
+    python bench/seeds.py --seeds 0 1 2 3 4 [--params params.yaml] [--set section.key=value ...] [--root runs/seeds]
 
 Each seed gets its own output tree under --root and its own params file: the given params with every
 training and sampling seed set to the seed (the prompts, `task.seed`, stay fixed, so every seed is
@@ -30,13 +30,30 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.cli import stage_sections  # noqa: E402
+from pipeline.cli import stage_params  # noqa: E402
 from pipeline.config import Params, load_params  # noqa: E402
 
 SEEDED = [("models", "seed"), ("sft", "seed"), ("rollouts", "seed"), ("opd", "seed")]
 OUTPUT_PREFIXES = ("data/", "models/", "metrics/")
-COLUMNS = {"teacher": "teacher", "sft_student": "SFT student", "opd_student": "OPD student"}
+COLUMNS = {"teacher": "teacher", "sft_student": "SFT student", "control": "control (SFT, OPD's steps)",
+           "opd_student": "OPD student"}
 """Roles of metrics/eval.json, and their column headings."""
+
+
+def seed_result(metrics: dict) -> dict[str, float]:
+    """One seed's columns from its metrics/eval.json: each role's accuracy, and `<role>_sampled`, its
+    sampled_accuracy (evaluate.sampled_n), where measured."""
+    result = {role: metrics[role]["accuracy"] for role in COLUMNS}
+    result.update({f"{role}_sampled": metrics[role]["sampled_accuracy"] for role in COLUMNS
+                   if "sampled_accuracy" in metrics[role]})
+    return result
+
+
+def columns_of(results: dict[int, dict[str, float]]) -> dict[str, str]:
+    """COLUMNS, then the sampled ones where every seed has them."""
+    sampled = {f"{role}_sampled": f"{name}, sampled" for role, name in COLUMNS.items()
+               if all(f"{role}_sampled" in r for r in results.values())}
+    return {**COLUMNS, **sampled}
 
 
 def seeded_params(params: dict, seed: int) -> dict:
@@ -78,10 +95,18 @@ def stage_key(cmd: list[str], upstream: str) -> dict:
     before it; any change may make its outputs stale."""
     params = yaml.safe_load(Path(cmd[cmd.index("--params") + 1]).read_text())
     module = cmd[cmd.index("-m") + 1] if "-m" in cmd else ""
-    sections = stage_sections(f"python -m {module}")  # none for a command that is not a pipeline stage: all of it
-    read = {section: params.get(section) for section in sections} if sections else params
+    names = stage_params(f"python -m {module}")  # none for a command that is not a pipeline stage: all of it
+    read = {name: _lookup(params, name) for name in names} if names else params
     return {"command": shlex.join(cmd), "params_sha256": hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest(),
             "upstream": upstream}
+
+
+def _lookup(params: dict, name: str):
+    """The value of a section (`opd`) or of one key (`opd.steps`) in `params`; None where it is not set."""
+    value = params
+    for part in name.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _marked_key(marker: Path) -> dict | None:
@@ -124,13 +149,18 @@ def means(results: dict[int, dict[str, float]], keys) -> dict[str, float]:
     return {key: statistics.mean(r[key] for r in results.values()) for key in keys}
 
 
+def stds(results: dict[int, dict[str, float]], keys) -> dict[str, float]:
+    """Sample standard deviation over the seeds (0 for one seed)."""
+    return {key: statistics.stdev([r[key] for r in results.values()]) if len(results) > 1 else 0.0 for key in keys}
+
+
 def print_table(results: dict[int, dict[str, float]], columns: dict[str, str]) -> None:
-    """A markdown table: one row per seed, one column per key of `columns` (key: heading), and their mean."""
+    """A markdown table: one row per seed, one column per key of `columns` (key: heading), and mean +- std."""
     print("\n| seed | " + " | ".join(columns.values()) + " |\n| --- |" + " --- |" * len(columns))
     for seed, r in results.items():
         print(f"| {seed} | " + " | ".join(f"{r[key]:.3f}" for key in columns) + " |")
-    mean = means(results, columns)
-    print("| mean | " + " | ".join(f"{mean[key]:.3f}" for key in columns) + " |")
+    mean, std = means(results, columns), stds(results, columns)
+    print("| mean +- std | " + " | ".join(f"{mean[key]:.3f} +- {std[key]:.3f}" for key in columns) + " |")
 
 
 def seed_args(doc: str, argv=None) -> argparse.Namespace:
@@ -154,10 +184,10 @@ def main() -> None:
         out, params_file = prepare_seed(params, seed, args.root)
         start = time.perf_counter()
         run_stages(stage_commands(params_file, out), out)
-        metrics = json.loads((out / "metrics" / "eval.json").read_text())
-        results[seed] = {role: metrics[role]["accuracy"] for role in COLUMNS}
+        results[seed] = seed_result(json.loads((out / "metrics" / "eval.json").read_text()))
         print(f"seed {seed}: {results[seed]} ({time.perf_counter() - start:.0f} s)", flush=True)
-    print_table(results, COLUMNS)
+    print_table(results, columns_of(results))
+    (args.root / "seeds.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pipeline import progress
 
-STAGES = ("prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "opd", "evaluate")
+STAGES = ("prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "control_data", "control", "opd",
+          "evaluate")
 """Pipeline order."""
 TOOLS = {"inspect": "pipeline.inspect_cache"}
 """Subcommands that are not stages: module implementing each."""
@@ -95,9 +96,9 @@ def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bo
     return args
 
 
-def stage_sections(doc: str) -> list[str]:
-    """The params sections a stage reads, as dvc.yaml declares them (the stage is named by the
-    `python -m stages.<name>` command its docstring opens with)."""
+def stage_params(doc: str) -> list[str]:
+    """The params a stage reads, as dvc.yaml declares them: whole sections (`opd`) or single keys (`opd.steps`).
+    The stage is named by the `python -m stages.<name>` command its docstring opens with."""
     import yaml
 
     name, dvc_yaml = _stage_name(doc), ROOT / "dvc.yaml"
@@ -105,6 +106,11 @@ def stage_sections(doc: str) -> list[str]:
         return []
     stage = yaml.safe_load(dvc_yaml.read_text())["stages"].get(name, {})
     return [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
+
+
+def stage_sections(doc: str) -> list[str]:
+    """The params sections a stage reads (of its stage_params), in order, each once."""
+    return list(dict.fromkeys(p.split(".")[0] for p in stage_params(doc)))
 
 
 def _stage_name(doc: str) -> str | None:

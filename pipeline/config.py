@@ -23,10 +23,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class TaskConfig:
-    """`task`: the embedded toy task (long addition with carries, see pipeline/toy_task.py), the prompts of
-    `prompts.source: toy`."""
+    """`task`: the embedded toy task (long addition written out column by column, see pipeline/toy_task.py), the
+    prompts of `prompts.source: toy`."""
 
-    n_digits: int = 8
+    n_digits: int = 6
     """Digits per operand; the worked answer has 3 * n_digits tokens plus end-of-sequence."""
     teacher_train_prompts: int = 20000
     """Prompts with reference answers used to train the toy teacher (unused with real models)."""
@@ -176,6 +176,10 @@ class TrainConfig:
     loss_chunk_tokens: int = 1024
     """Response tokens whose logits exist at once in the loss, from the final hidden states (0: all B x T x V)."""
 
+    def training(self) -> "TrainConfig":
+        """This config's TrainConfig fields alone: what an OPD run's equal-compute control trains with."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+
     def __post_init__(self):
         _positive(self, "steps", "batch_size", "lr", "accumulate_grad_batches", "devices", "num_nodes")
         if self.loss_chunk_tokens < 0:
@@ -199,8 +203,15 @@ class ModelsConfig:
     toy_student: ToyModelConfig = field(default_factory=lambda: ToyModelConfig(64, 1, 256, 1))
     teacher_training: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, lr=3e-3, warmup_steps=60))
     """How the toy teacher is trained on reference answers."""
+    teacher_style: str = "carry_first"
+    """Notation of the toy teacher's training answers (pipeline/toy_task.py STYLES: carry_first or units_first):
+    its style, which its SFT data and its scores then carry. Toy task only."""
     seed: int = 0
     """Seed of the toy models' initial weights."""
+
+    def __post_init__(self):
+        if self.teacher_style not in TEACHER_STYLES:
+            raise ConfigError(f"models.teacher_style must be one of {TEACHER_STYLES}, got {self.teacher_style!r}")
 
 
 @dataclass
@@ -242,6 +253,8 @@ class EngineConfig:
 
 
 ENGINES = ("hf", "vllm")
+TEACHER_STYLES = ("carry_first", "units_first")
+"""Notations of the toy task's worked answers (pipeline/toy_task.py STYLES; declared here so configs validate early)."""
 LOSSES = ("sft", "opd", "topk_fkl", "topk_rkl", "topk_jsd", "opd+topk_fkl", "opd+topk_rkl", "opd+topk_jsd")
 """Objectives pipeline.losses.compute_loss implements (declared here so configs validate early);
 `a+b` is the sum of terms a and b."""
@@ -251,7 +264,7 @@ TOKEN_SELECTIONS = ("entropy", "divergence")
 """Scores by which pipeline.losses.compute_loss keeps a fraction of the response tokens."""
 CLIP_AGAINST = ("current", "behavior")
 """What the opd term's PPO ratio divides by (OpdConfig.clip_against)."""
-VERIFIERS = ("toy_exact", "exact", "math")
+VERIFIERS = ("toy", "exact", "math")
 """Verifiers pipeline.verifiers implements (declared here so configs validate early; EvaluateConfig.verifier)."""
 
 
@@ -372,8 +385,9 @@ class EvaluateConfig:
 
     max_new_tokens: int = 32
     """Longest response in tokens; a longer one is cut there and verified as it is."""
-    verifier: str = "toy_exact"
-    """One of VERIFIERS: toy_exact (the embedded task's whole worked answer), exact (the whole response equals the
+    verifier: str = "toy"
+    """One of VERIFIERS: toy (the embedded task: the sum its worked answer states, in either notation), exact (the
+    whole response equals the
     reference, whitespace-normalised) or math (the final answer, boxed first, equals the reference by value)."""
     n_samples: int = 1
     """Responses per prompt; accuracy is their mean correctness (pass@1). More than 1 needs temperature > 0."""
@@ -385,9 +399,18 @@ class EvaluateConfig:
     """Nucleus sampling: sample from the fewest tokens holding this much probability (1: all)."""
     seed: int = 0
     """Seed of the sampling (unused when greedy)."""
+    sampled_n: int = 0
+    """Besides the main accuracy, also report `sampled_accuracy`: the mean correctness of this many responses per
+    prompt sampled at sampled_temperature (avg@n, as the Lightning OPD paper evaluates; 0: not reported). Sampling
+    shows exposure bias that greedy decoding hides."""
+    sampled_temperature: float = 1.0
+    """Temperature of the sampled_n responses."""
 
     def __post_init__(self):
         _positive(self, "max_new_tokens", "n_samples")
+        if self.sampled_n < 0 or self.sampled_temperature <= 0:
+            raise ConfigError(f"evaluate: need sampled_n >= 0 and sampled_temperature > 0, got {self.sampled_n}, "
+                              f"{self.sampled_temperature}")
         if self.verifier not in VERIFIERS:
             raise ConfigError(f"evaluate.verifier must be one of {VERIFIERS}, got {self.verifier!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

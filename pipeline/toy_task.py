@@ -1,16 +1,22 @@
-"""The embedded default task: long addition written out digit by digit, with carries.
+"""The embedded default task: long addition written out column by column, in one of two notations.
 
 A prompt lists the digit pairs of two n-digit numbers, least significant first, e.g. 347 + 589 is
-``"79,48,35="``. The answer writes, for each pair, the column total (pair plus incoming carry) as
-its carry digit then its units digit, then ``;``: ``"16;13;09;"`` (7+9=16, 4+8+1=13, 3+5+1=09),
-so the sum 936 is read back from the units digits in reverse.
+``"79,48,35="``. A worked answer writes one 3-character step per column (pair plus incoming carry):
 
-Why this shape: each answer token depends on inputs at a fixed relative distance (the pair it
-adds and the previous carry), so a tiny transformer learns it in minutes on a CPU. The carry comes
-first because it grows with each input (a units digit alone is a sum mod 10, which no single input
-predicts, and small models stall on it). A single wrong carry corrupts every later column, so errors
-compound over the long answer: the regime where on-policy distillation helps, since the student
-learns from the teacher on its own mistakes.
+- ``carry_first``: carry digit, units digit, ``;``  -> ``"16;13;09;"``
+- ``units_first``: units digit, carry digit, ``:``  -> ``"61:31:90:"``
+
+Both are correct; the separator says which notation a step uses, so an answer may even mix them. The
+verifier reads the sum back from the steps (units digits, least significant first, then the last carry)
+and checks that final answer only: 936 here.
+
+Why this shape:
+- Each answer token depends on inputs at a fixed relative distance, so small transformers learn it in
+  minutes on a CPU, and a wrong carry corrupts the rest of the answer: errors compound over the answer,
+  which is where training on the student's own samples (on-policy) helps.
+- Two valid notations make teacher consistency testable: a teacher trained on one notation (its style,
+  `models.teacher_style`) scores the other notation's text as unlikely, so a student that learnt one
+  teacher's style and is distilled by the other is pulled between the two.
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ import random
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+TASK = "toy_addition"
+"""The prompts stage's provenance names the toy task so; the models stage then trains the toy teacher in its style."""
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-SYMBOLS = list("0123456789,=;")
+SYMBOLS = list("0123456789,=;:")
+STYLES = {"carry_first": ";", "units_first": ":"}
+"""Notations of a worked step, and the separator that ends a step of each."""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -46,19 +56,44 @@ def make_prompt(a: int, b: int, n_digits: int) -> str:
     return ",".join(f"{x}{y}" for x, y in zip(_digits(a, n_digits), _digits(b, n_digits))) + "="
 
 
-def solve(prompt: str) -> str:
-    """The reference answer for a prompt, written out step by step."""
+def solve(prompt: str, style: str = "carry_first") -> str:
+    """The worked answer to a prompt in notation `style` (one of STYLES)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; valid styles: {sorted(STYLES)}")
     pairs = prompt.rstrip("=").split(",")
     carry, steps = 0, []
     for pair in pairs:
         total = int(pair[0]) + int(pair[1]) + carry
         carry = total // 10
-        steps.append(f"{carry}{total % 10};")
+        step = f"{carry}{total % 10}" if style == "carry_first" else f"{total % 10}{carry}"
+        steps.append(step + STYLES[style])
     return "".join(steps)
 
 
+def steps_of(response: str) -> list[tuple[str, str]] | None:
+    """The (carry, units) digits of each step of a worked answer (either notation, mixed or not); None if it
+    is malformed."""
+    text, steps = response.strip(), []
+    if len(text) % 3:
+        return None
+    for i in range(0, len(text), 3):
+        step = text[i : i + 3]
+        if not (step[0].isdigit() and step[1].isdigit()) or step[2] not in STYLES.values():
+            return None
+        steps.append((step[0], step[1]) if step[2] == STYLES["carry_first"] else (step[1], step[0]))
+    return steps
+
+
+def final_answer(response: str) -> int | None:
+    """The sum a worked answer states; None if it is malformed or empty."""
+    steps = steps_of(response)
+    if not steps or steps[-1][0] not in "01":
+        return None
+    return int(steps[-1][0] + "".join(unit for _, unit in reversed(steps)))
+
+
 def make_examples(count: int, n_digits: int, seed: int) -> list[tuple[str, str]]:
-    """`count` distinct (prompt, answer) pairs drawn with `seed`."""
+    """`count` distinct (prompt, carry_first answer) pairs drawn with `seed`."""
     rng = random.Random(seed)
     seen: set[str] = set()
     examples = []
@@ -71,5 +106,7 @@ def make_examples(count: int, n_digits: int, seed: int) -> list[tuple[str, str]]
 
 
 def is_correct(response: str, answer: str) -> bool:
-    """Exact-match verifier: the whole worked answer must be right (a wrong carry is wrong)."""
-    return response.strip() == answer
+    """The response's final answer (the sum its steps state) is the reference's, whatever its notation, with one
+    step per column (a correct sum written with a column left out is wrong)."""
+    steps, reference = steps_of(response), steps_of(answer)
+    return bool(steps) and len(steps) == len(reference) and final_answer(response) == final_answer(answer)

@@ -4,7 +4,8 @@ A verifier is a pure function (response text, reference answer) -> bool, chosen 
 `evaluate.verifier` (the names are declared in pipeline/config.py VERIFIERS, so configs validate
 before anything loads):
 
-- `toy_exact`: the embedded task's exact match (pipeline/toy_task.py is_correct);
+- `toy`: the embedded task's final answer, the sum its worked steps state in either notation
+  (pipeline/toy_task.py is_correct);
 - `exact`: the whole response equals the reference, both whitespace-normalised;
 - `math`: the final answer extracted from the response (a `\\boxed{...}` first) equals the
   reference by value, with math-verify (`\\frac{1}{2}` == `0.5`).
@@ -70,7 +71,7 @@ def _math_timeout() -> int | None:
 
 
 VERIFIERS: dict[str, Verifier] = {
-    "toy_exact": toy_task.is_correct,
+    "toy": toy_task.is_correct,
     "exact": exact_match,
     "math": math_match,
 }

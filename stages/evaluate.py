@@ -1,12 +1,15 @@
-"""Held-out accuracy of the teacher, the SFT student and the OPD student, as a DVC metrics file.
+"""Held-out accuracy of the teacher, the SFT student, the control and the OPD student, as a DVC metrics file.
 
-    python -m stages.evaluate --params params.yaml --models models/base --sft-model models/sft --opd-model models/opd --prompts data/prompts --out metrics/eval.json --chart metrics/accuracy.json
+    python -m stages.evaluate --params params.yaml --models models/base --sft-model models/sft --control-model models/control --opd-model models/opd --prompts data/prompts --out metrics/eval.json --chart metrics/accuracy.json
 
 Each model answers every `eval` prompt greedily, or `evaluate.n_samples` times with sampling; the
 verifier named by `evaluate.verifier` checks each response against the prompt's reference answer
-(pipeline/verifiers.py; the default `toy_exact` counts only a whole worked answer that matches).
-Per model: `accuracy` (pass@1, the mean correctness over all responses), `mean_response_tokens`,
-and `pass@k` for each k of `evaluate.pass_k` (the unbiased estimator over the n samples).
+(pipeline/verifiers.py; the default `toy` checks the sum the worked answer states). Per model:
+`accuracy` (pass@1, the mean correctness over all responses), `mean_response_tokens`, `pass@k` for
+each k of `evaluate.pass_k` (the unbiased estimator over the n samples), and with `evaluate.sampled_n`
+`sampled_accuracy`, the mean correctness of that many responses sampled at `evaluate.sampled_temperature`.
+The control is the SFT student trained further on the teacher's answers to the OPD prompts with OPD's
+steps, batch and schedule (stages/control.py): what OPD must beat for its gain to be more than more steps.
 """
 
 from __future__ import annotations
@@ -25,28 +28,44 @@ log = logging.getLogger("evaluate")
 def accuracy(model_dir, prompts: list[dict], cfg: EvaluateConfig, engine_cfg: EngineConfig,
              chat: ChatConfig | None = None) -> dict:
     engine = engines.load_engine(model_dir, engine_cfg)
-    sampling = SamplingConfig(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_new_tokens=cfg.max_new_tokens)
+    ids = [models.encode_prompt(engine.tokenizer, r["prompt"], chat) for r in prompts]
     try:
-        gens = engine.generate([models.encode_prompt(engine.tokenizer, r["prompt"], chat) for r in prompts], sampling, seed=cfg.seed)
+        gens = engine.generate(ids, SamplingConfig(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                                                   max_new_tokens=cfg.max_new_tokens), seed=cfg.seed)
+        sampled = engine.generate(ids, SamplingConfig(n=cfg.sampled_n, temperature=cfg.sampled_temperature,
+                                                      max_new_tokens=cfg.max_new_tokens),
+                                  seed=cfg.seed) if cfg.sampled_n else []
     finally:
         engine.close()
-    texts = engine.tokenizer.batch_decode([g.response_ids for g in gens], skip_special_tokens=True)
-    verify = verifiers.get_verifier(cfg.verifier)
-    correct = [0] * len(prompts)  # correct responses of each prompt, out of n_samples
-    for gen, text in zip(gens, texts):
-        correct[gen.prompt_index] += verify(text, prompts[gen.prompt_index]["answer"])
+    correct = _correct_per_prompt(engine.tokenizer, gens, prompts, cfg.verifier)
     metrics = {
         "accuracy": round(verifiers.mean_pass_at_k(correct, cfg.n_samples, 1), 4),
         "mean_response_tokens": round(sum(len(g.response_ids) for g in gens) / len(gens), 2),
     }
     for k in sorted(cfg.pass_k):
         metrics[f"pass@{k}"] = round(verifiers.mean_pass_at_k(correct, cfg.n_samples, k), 4)
+    if sampled:
+        correct = _correct_per_prompt(engine.tokenizer, sampled, prompts, cfg.verifier)
+        metrics["sampled_accuracy"] = round(verifiers.mean_pass_at_k(correct, cfg.sampled_n, 1), 4)
     return metrics
 
 
-def run(cfg: EvaluateConfig, engine_cfg: EngineConfig, models_dir: Path, sft_model: Path, opd_model: Path, prompts_dir: Path, out: Path,
-        chart: Path | None = None) -> dict:
+def _correct_per_prompt(tokenizer, gens, prompts: list[dict], verifier: str) -> list[int]:
+    """How many of each prompt's responses the verifier accepts."""
+    texts = tokenizer.batch_decode([g.response_ids for g in gens], skip_special_tokens=True)
+    verify = verifiers.get_verifier(verifier)
+    correct = [0] * len(prompts)
+    for gen, text in zip(gens, texts):
+        correct[gen.prompt_index] += verify(text, prompts[gen.prompt_index]["answer"])
+    return correct
+
+
+ROLES = ("teacher", "sft_student", "control", "opd_student")
+"""The models evaluated, as metrics/eval.json names them."""
+
+
+def run(cfg: EvaluateConfig, engine_cfg: EngineConfig, models_dir: Path, sft_model: Path, control_model: Path,
+        opd_model: Path, prompts_dir: Path, out: Path, chart: Path | None = None) -> dict:
     """Write the metrics to `out` and, given `chart`, each model's accuracy as rows for dvc.yaml's bar chart."""
     prompts = read_split(prompts_dir, "eval")
     chat = read_chat(prompts_dir)
@@ -60,28 +79,28 @@ def run(cfg: EvaluateConfig, engine_cfg: EngineConfig, models_dir: Path, sft_mod
         **({"n_samples": cfg.n_samples} if cfg.n_samples > 1 else {}),
         "teacher": accuracy(models.read_manifest(models_dir)["teacher"]["path"], prompts, cfg, engine_cfg, chat),
         "sft_student": accuracy(sft_model, prompts, cfg, engine_cfg, chat),
+        "control": accuracy(control_model, prompts, cfg, engine_cfg, chat),
         "opd_student": accuracy(opd_model, prompts, cfg, engine_cfg, chat),
     }
     metrics["teacher_mismatch_allowed"] = models.read_provenance(opd_model)["teacher_mismatch_allowed"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     if chart is not None:
-        rows = [{"model": role, "accuracy": metrics[role]["accuracy"]} for role in ("teacher", "sft_student", "opd_student")]
+        rows = [{"model": role, "accuracy": metrics[role]["accuracy"]} for role in ROLES]
         chart.parent.mkdir(parents=True, exist_ok=True)
         chart.write_text(json.dumps(rows, indent=2) + "\n")
-    log.info("accuracy (%s): teacher %.3f, SFT student %.3f, OPD student %.3f on %d prompts x %d samples", cfg.verifier,
-             metrics["teacher"]["accuracy"], metrics["sft_student"]["accuracy"], metrics["opd_student"]["accuracy"],
-             len(prompts), cfg.n_samples)
+    log.info("accuracy (%s) on %d prompts x %d samples: %s", cfg.verifier, len(prompts), cfg.n_samples,
+             ", ".join(f"{role} {metrics[role]['accuracy']:.3f}" for role in ROLES))
     return metrics
 
 
 def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "models", "sft_model", "opd_model", "prompts", "out", "chart")
+    args = cli.stage_args(__doc__, argv, "models", "sft_model", "control_model", "opd_model", "prompts", "out", "chart")
     params = args.params
     cfg = load_section("evaluate", params)
-    metrics = run(cfg, load_section("engine", params), args.models, args.sft_model, args.opd_model, args.prompts, args.out,
-                  args.chart)
-    cli.summary(args, f"{3 * metrics['n_prompts'] * cfg.n_samples:,} responses")  # teacher, SFT and OPD students
+    metrics = run(cfg, load_section("engine", params), args.models, args.sft_model, args.control_model, args.opd_model,
+                  args.prompts, args.out, args.chart)
+    cli.summary(args, f"{len(ROLES) * metrics['n_prompts'] * (cfg.n_samples + cfg.sampled_n):,} responses")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m stages.models --params params.yaml --prompts data/prompts --out models/base
 
 With `models.teacher: toy` the teacher is a small Llama-style model trained here on the task's
-reference answers; with `models.student: toy` the student is a smaller one, freshly initialised.
+reference answers, written in the notation `models.teacher_style` (the toy task's two valid ways); with `models.student: toy` the student is a smaller one, freshly initialised.
 Otherwise each is a local model directory or a hub id, resolved and recorded with content hashes.
 `manifest.json` in the output says where each model lives; later stages read only it.
 """
@@ -14,7 +14,8 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import cli, data, models, toy_task, training
+from data_schemas import prompts as prompts_schema
+from pipeline import cli, data, models, shards, toy_task, training
 from pipeline.config import ModelsConfig, TaskConfig, load_section
 from stages.prompts import read_chat, read_split
 
@@ -28,10 +29,12 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
     if cfg.teacher == "toy":
         teacher = models.build_toy_model(cfg.toy_teacher, tokenizer, cfg.seed)
         chat = read_chat(prompts_dir)
+        toy = shards.read_shards(prompts_dir, prompts_schema)[1].get("task") == toy_task.TASK
         rows = [
             {
                 "prompt_ids": models.encode_prompt(tokenizer, r["prompt"], chat),
-                "response_ids": models.encode_response(tokenizer, r["answer"]),
+                "response_ids": models.encode_response(
+                    tokenizer, toy_task.solve(r["prompt"], cfg.teacher_style) if toy else r["answer"]),
             }
             for r in read_split(prompts_dir, "teacher_train")
         ]
@@ -39,7 +42,8 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
         batches = data.in_memory(rows, train_cfg.batch_size, tokenizer.pad_token_id, train_cfg.seed)
         training.train(teacher, batches, train_cfg, out / "logs" / "teacher")
         models.save_model(teacher, tokenizer, out / "teacher")
-        manifest["teacher"] = {**models.describe("toy-teacher", out / "teacher"), "path": "teacher"}
+        manifest["teacher"] = {**models.describe("toy-teacher", out / "teacher"), "path": "teacher",
+                              **({"style": cfg.teacher_style} if toy else {})}
     else:
         manifest["teacher"] = models.describe(cfg.teacher, models.resolve_model_dir(cfg.teacher))
     if cfg.student == "toy":

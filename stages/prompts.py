@@ -274,7 +274,7 @@ def _toy_prompts(task: TaskConfig) -> tuple[pa.Table, dict, dict[str, int]]:
             "split": splits,
         }
     )
-    return table, {"stage": "prompts", "task": "toy_addition", "config": vars(task)}, counts
+    return table, {"stage": "prompts", "task": toy_task.TASK, "config": vars(task)}, counts
 
 
 def _source_prompts(cfg: PromptsConfig, tokenizer) -> tuple[pa.Table, dict, dict[str, int]]:

@@ -15,8 +15,11 @@ from pipeline.config import TrainConfig, load_section
 log = logging.getLogger("sft")
 
 
-def run(cfg: TrainConfig, models_dir: Path, sft_data: Path, out: Path) -> Path:
-    student = models.read_manifest(models_dir)["student"]
+def run(cfg: TrainConfig, models_dir: Path, sft_data: Path, out: Path, student: dict | None = None,
+        stage: str = "sft") -> Path:
+    """Train `student` (default: the manifest's student under `models_dir`; stages/control.py passes the SFT
+    student) on the SFT data in `sft_data`, and save it to `out`."""
+    student = student or models.read_manifest(models_dir)["student"]
     table, data_provenance = shards.read_shards(sft_data, sft_samples)
     model = models.load_model(student["path"])
     tokenizer = models.load_tokenizer(student["path"])
@@ -28,7 +31,7 @@ def run(cfg: TrainConfig, models_dir: Path, sft_data: Path, out: Path) -> Path:
     models.write_provenance(
         out,
         {
-            "stage": "sft",
+            "stage": stage,
             "base": models.identity(student),
             "sft_data_teacher": data_provenance["teacher"],
             "config": vars(cfg),

@@ -23,14 +23,16 @@ log = logging.getLogger("sft_data")
 
 
 def run(cfg: SamplingConfig, engine_cfg: EngineConfig, models_dir: Path, prompts_dir: Path, out: Path,
-        replace_stale: bool = False) -> int:
+        replace_stale: bool = False, split: str = "sft", stage: str = "sft_data") -> int:
+    """The teacher's answers to the prompts of `split` (stages/control_data.py reuses this on the opd split)."""
     teacher = models.read_manifest(models_dir)["teacher"]
-    prompts = read_split(prompts_dir, "sft")
+    prompts = read_split(prompts_dir, split)
     chat = read_chat(prompts_dir)
     engine = load_engine(teacher["path"], engine_cfg)
     provenance = {
-        "stage": "sft_data",
-        "code_sha256": cli.code_sha256("sft_data"),
+        "stage": stage,
+        "split": split,
+        "code_sha256": cli.code_sha256(stage),
         "teacher": models.identity(teacher),
         "prompts_sha256": prompts_sha256(prompts_dir),
         "engine": engine.version,
@@ -59,11 +61,11 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, models_dir: Path, prompts
     return written
 
 
-def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "models", "prompts", "out", resumable=True)
+def main(argv=None, doc: str = __doc__, split: str = "sft"):
+    args = cli.stage_args(doc, argv, "models", "prompts", "out", resumable=True)
     params = args.params
     run(load_section("sft_data", params), load_section("engine", params), args.models, args.prompts, args.out,
-        replace_stale=args.replace_stale)
+        replace_stale=args.replace_stale, split=split, stage=args.stage)
     cli.summary(args)
 
 

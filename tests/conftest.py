@@ -20,7 +20,7 @@ def section(name: str):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """Every stage of the pipeline on tiny models, in order, in one temp directory."""
-    from stages import evaluate, models, opd, prompts, rollouts, sft, sft_data, teacher_logprobs
+    from stages import control, evaluate, models, opd, prompts, rollouts, sft, sft_data, teacher_logprobs
 
     d = tmp_path_factory.mktemp("pipeline")
     engine = section("engine")
@@ -30,8 +30,12 @@ def tiny_run(tmp_path_factory) -> Path:
     sft.run(section("sft"), d / "models/base", d / "data/sft", d / "models/sft")
     rollouts.run(section("rollouts"), engine, d / "models/sft", d / "data/prompts", d / "data/rollouts")
     teacher_logprobs.run(section("teacher_logprobs"), engine, d / "models/base", d / "data/rollouts", d / "data/teacher_cache")
+    sft_data.run(section("sft_data"), engine, d / "models/base", d / "data/prompts", d / "data/control_sft", split="opd",
+                 stage="control_data")
+    control.run(section("opd"), d / "models/sft", d / "data/control_sft", d / "models/control")
     opd.run(section("opd"), d / "models/sft", d / "data/rollouts", d / "data/teacher_cache", d / "models/opd")
-    evaluate.run(section("evaluate"), engine, d / "models/base", d / "models/sft", d / "models/opd", d / "data/prompts", d / "metrics/eval.json")
+    evaluate.run(section("evaluate"), engine, d / "models/base", d / "models/sft", d / "models/control", d / "models/opd",
+                 d / "data/prompts", d / "metrics/eval.json")
     return d
 
 

@@ -55,16 +55,19 @@ def test_run_stages_skips_done_stages_and_reruns_when_the_params_change(tmp_path
 
 
 def test_a_stage_key_changes_with_the_params_sections_the_stage_reads_only(tmp_path):
-    """Like `dvc repro`: a new opd.lr makes opd stale, not the stages before it."""
+    """Like `dvc repro`: a new opd.loss makes opd stale, not the stages before it; a new opd.lr also the control,
+    which reads opd's training keys (and no other opd key)."""
     params_file = tmp_path / "params.yaml"
     params = yaml.safe_load(TINY_PARAMS.read_text())
     params_file.write_text(yaml.safe_dump(params))
     commands = dict(stage_commands(params_file, tmp_path))
     before = {name: stage_key(cmd, "") for name, cmd in commands.items()}
-    params["opd"]["lr"] = 0.123
-    params_file.write_text(yaml.safe_dump(params))
-    changed = [name for name, cmd in commands.items() if stage_key(cmd, "") != before[name]]
-    assert changed == ["opd"]
+    for key, value, stale in (("loss", "topk_fkl", ["opd"]), ("lr", 0.123, ["control", "opd"])):
+        params["opd"][key] = value
+        params_file.write_text(yaml.safe_dump(params))
+        changed = [name for name, cmd in commands.items() if stage_key(cmd, "") != before[name]]
+        assert changed == stale
+        before = {name: stage_key(cmd, "") for name, cmd in commands.items()}
 
 
 def test_run_stages_reruns_every_stage_after_one_that_ran(tmp_path):

@@ -37,25 +37,26 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path):
     sh("git", "init", "-q")
     sh("dvc", "init", "-q")
     first = sh("dvc", "repro")
-    assert ran_stages(first) == ["prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "opd", "evaluate"]
+    assert ran_stages(first) == ["prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "control_data",
+                                 "control", "opd", "evaluate"]
     metrics = json.loads(sh("dvc", "metrics", "show", "--json"))
     values = next(iter(metrics.values()))["data"]["metrics/eval.json"]["data"]
-    assert set(values) >= {"teacher", "sft_student", "opd_student", "n_prompts"}
+    assert set(values) >= {"teacher", "sft_student", "control", "opd_student", "n_prompts"}
 
     assert ran_stages(sh("dvc", "repro")) == []  # nothing changed: nothing runs
 
     # Training curves: a TSV per logged value of each training stage, shown by `dvc plots show`.
     plots = json.loads(sh("dvc", "plots", "show", "--json"))
     curves = json.dumps(plots)
-    for logs in ("models/opd/logs", "models/sft/logs", "models/base/logs/teacher"):
+    for logs in ("models/opd/logs", "models/sft/logs", "models/control/logs", "models/base/logs/teacher"):
         for value in ("loss", "entropy") + (("reverse_kl", "clip_fraction", "tokens_per_s") if "opd" in logs else ()):
             assert f"{logs}/dvclive/plots/metrics/train/{value}.tsv" in curves, (logs, value)
     chart = plots["data"]["Accuracy on the eval prompts"][0]["content"]
     assert chart["mark"]["type"] == "bar" if isinstance(chart["mark"], dict) else chart["mark"] == "bar"
-    assert [row["model"] for row in chart["data"]["values"]] == ["teacher", "sft_student", "opd_student"]
+    assert [row["model"] for row in chart["data"]["values"]] == ["teacher", "sft_student", "control", "opd_student"]
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["opd"]["lr"] = params["opd"].get("lr", 1e-3) * 2
+    params["opd"]["clip_eps"] = 0.3  # an opd key the control does not read
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert ran_stages(sh("dvc", "repro")) == ["opd", "evaluate"]
 
@@ -71,7 +72,7 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path):
     # A changed input makes the kept shards stale: dvc reruns the stage, which replaces them.
     params["rollouts"]["temperature"] = 0.7
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran_stages(sh("dvc", "repro")) == ["rollouts", "teacher_logprobs", "opd", "evaluate"]
+    assert ran_stages(sh("dvc", "repro")) == ["rollouts", "teacher_logprobs", "opd", "evaluate"]  # not the control
     from data_schemas import rollouts as rollouts_schema
     from pipeline import shards
 
@@ -81,7 +82,7 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path):
     # Experiments: `dvc exp run -S` changes a param for one run, `dvc exp show` compares runs.
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "baseline")
-    assert ran_stages(sh("dvc", "exp", "run", "-S", "opd.lr=0.004", "-n", "fast-lr")) == ["opd", "evaluate"]
+    assert ran_stages(sh("dvc", "exp", "run", "-S", "opd.lr=0.004", "-n", "fast-lr")) == ["control", "opd", "evaluate"]
     experiments = json.loads(sh("dvc", "exp", "show", "--json"))
     runs = [exp for commit in experiments for exp in (commit.get("experiments") or [])]
     fast = next(run["revs"][0]["data"] for run in runs if run.get("name") == "fast-lr")

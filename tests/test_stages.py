@@ -119,9 +119,28 @@ def test_opd_and_evaluate_outputs(tiny_run):
     assert models.weights_hash(tiny_run / "models/opd") != models.weights_hash(tiny_run / "models/sft")
     metrics = json.loads((tiny_run / "metrics/eval.json").read_text())
     assert metrics["n_prompts"] == section("task").eval_prompts
-    for role in ("teacher", "sft_student", "opd_student"):
+    for role in ("teacher", "sft_student", "control", "opd_student"):
         assert 0.0 <= metrics[role]["accuracy"] <= 1.0
         assert metrics[role]["mean_response_tokens"] > 0
+
+
+def test_control_is_the_sft_student_trained_on_the_teachers_answers_to_the_opd_prompts_with_opds_settings(tiny_run):
+    """Equal compute: the control starts from the SFT student and trains with the opd section's TrainConfig."""
+    from pipeline.config import TrainConfig
+
+    data, provenance = shards.read_shards(tiny_run / "data/control_sft", sft_samples)
+    prompts, _ = shards.read_shards(tiny_run / "data/prompts", prompts_schema)
+    opd_ids = {r["prompt_id"] for r in prompts.to_pylist() if r["split"] == "opd"}
+    assert provenance["split"] == "opd" and set(data["prompt_id"].to_pylist()) <= opd_ids
+    assert provenance["teacher"] == models.identity(models.read_manifest(tiny_run / "models/base")["teacher"])
+    control = models.read_provenance(tiny_run / "models/control")
+    assert control["stage"] == "control"
+    assert control["base"]["weights_sha256"] == models.weights_hash(tiny_run / "models/sft")
+    assert control["config"] == vars(section("opd").training())
+    assert models.weights_hash(tiny_run / "models/control") != models.weights_hash(tiny_run / "models/sft")
+    # dvc.yaml reruns the control when any of these keys changes, and no other opd key
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["control"]
+    assert stage["params"] == [f"opd.{f}" for f in TrainConfig.__dataclass_fields__]
 
 
 def test_rerun_of_a_finished_stage_recomputes_nothing(run_copy):
@@ -305,7 +324,8 @@ def test_cli_lists_stages_and_runs_one(tmp_path):
     listing = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], env=env, capture_output=True, text=True)
     assert listing.returncode == 0
     names = [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("  ")]
-    assert names == ["prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "opd", "evaluate", "inspect"]
+    assert names == ["prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs", "control_data", "control",
+                     "opd", "evaluate", "inspect"]
     out = tmp_path / "prompts"
     subprocess.run([sys.executable, "-m", "pipeline.cli", "prompts", "--params", str(TINY_PARAMS), "--out", str(out)],
                    env=env, check=True, capture_output=True)

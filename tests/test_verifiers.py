@@ -15,16 +15,20 @@ from tests.conftest import section
 
 def test_registry_matches_the_names_config_accepts():
     assert tuple(verifiers.VERIFIERS) == config.VERIFIERS
-    with pytest.raises(ValueError, match=r"unknown verifier 'regex'; valid verifiers: \['exact', 'math', 'toy_exact'\]"):
+    with pytest.raises(ValueError, match=r"unknown verifier 'regex'; valid verifiers: \['exact', 'math', 'toy'\]"):
         verifiers.get_verifier("regex")
 
 
-def test_toy_exact_is_the_toy_tasks_match():
-    verify = verifiers.get_verifier("toy_exact")
+def test_toy_checks_the_sum_the_worked_answer_states_in_either_notation():
+    verify = verifiers.get_verifier("toy")
     assert verify("16;13;09;", "16;13;09;")
     assert verify("16;13;09; \n", "16;13;09;")
+    assert verify("61:31:90:", "16;13;09;")  # units_first notation: the same sum, 936
+    assert verify("16;31:09;", "16;13;09;")  # notations mixed step by step
     assert not verify("16;13;08;", "16;13;09;")
-    assert not verify("16;13;", "16;13;09;")
+    assert not verify("16;13;", "16;13;09;")  # a column left out
+    assert not verify("16;13;0x;", "16;13;09;")  # malformed step
+    assert not verify("16;13;09;1", "16;13;09;")
 
 
 def test_exact_normalises_whitespace_only():
@@ -108,10 +112,10 @@ def test_mean_pass_at_k_averages_prompts():
 
 
 def test_evaluate_config_checks():
-    assert EvaluateConfig() == EvaluateConfig(verifier="toy_exact", n_samples=1, pass_k=[], temperature=0.0)
+    assert EvaluateConfig() == EvaluateConfig(verifier="toy", n_samples=1, pass_k=[], temperature=0.0)
     cfg = from_dict(EvaluateConfig, {"verifier": "math", "n_samples": 8, "pass_k": [1, 4, 8], "temperature": 1}, "evaluate")
     assert cfg.pass_k == [1, 4, 8] and cfg.temperature == 1.0
-    with pytest.raises(ConfigError, match=r"evaluate.verifier must be one of \('toy_exact', 'exact', 'math'\), got 'regex'"):
+    with pytest.raises(ConfigError, match=r"evaluate.verifier must be one of \('toy', 'exact', 'math'\), got 'regex'"):
         from_dict(EvaluateConfig, {"verifier": "regex"}, "evaluate")
     with pytest.raises(ConfigError, match=r"pass@8 draws 8 of the n_samples = 4 responses"):
         from_dict(EvaluateConfig, {"n_samples": 4, "pass_k": [1, 8], "temperature": 1.0}, "evaluate")
@@ -160,10 +164,12 @@ def test_evaluate_counts_each_prompts_correct_samples(monkeypatch):
 
 
 def test_greedy_evaluate_writes_only_the_usual_keys(tiny_run):
+    """The tiny params evaluate greedily and with evaluate.sampled_n: 2."""
     metrics = json.loads((tiny_run / "metrics/eval.json").read_text())
-    assert set(metrics) == {"n_prompts", "teacher", "sft_student", "opd_student", "teacher_mismatch_allowed"}
-    for role in ("teacher", "sft_student", "opd_student"):
-        assert set(metrics[role]) == {"accuracy", "mean_response_tokens"}
+    assert set(metrics) == {"n_prompts", "teacher", "sft_student", "control", "opd_student", "teacher_mismatch_allowed"}
+    for role in ("teacher", "sft_student", "control", "opd_student"):
+        assert set(metrics[role]) == {"accuracy", "mean_response_tokens", "sampled_accuracy"}
+        assert 0.0 <= metrics[role]["sampled_accuracy"] <= 1.0
 
 
 def test_evaluate_with_n_samples_writes_pass_at_k(tiny_run, tmp_path):
@@ -172,13 +178,27 @@ def test_evaluate_with_n_samples_writes_pass_at_k(tiny_run, tmp_path):
     cfg = EvaluateConfig(max_new_tokens=section("evaluate").max_new_tokens, n_samples=4, pass_k=[4, 1, 2], temperature=1.0)
     out = tmp_path / "eval.json"
     d = tiny_run
-    evaluate.run(cfg, section("engine"), d / "models/base", d / "models/sft", d / "models/opd", d / "data/prompts", out)
+    evaluate.run(cfg, section("engine"), d / "models/base", d / "models/sft", d / "models/control", d / "models/opd",
+                 d / "data/prompts", out)
     metrics = json.loads(out.read_text())
     assert metrics["n_samples"] == 4 and metrics["n_prompts"] == section("task").eval_prompts
-    for role in ("teacher", "sft_student", "opd_student"):
+    for role in evaluate.ROLES:
         m = metrics[role]
         assert list(m) == ["accuracy", "mean_response_tokens", "pass@1", "pass@2", "pass@4"]
         assert m["accuracy"] == m["pass@1"]
         assert all(0.0 <= m[f"pass@{k}"] <= 1.0 for k in (1, 2, 4))
         assert m["pass@1"] <= m["pass@2"] <= m["pass@4"]
         assert m["mean_response_tokens"] > 0
+
+
+def test_the_toy_tasks_notations_are_the_ones_config_accepts_and_state_the_same_sum():
+    from pipeline import toy_task
+
+    assert tuple(toy_task.STYLES) == config.TEACHER_STYLES
+    for prompt, answer in toy_task.make_examples(50, 4, seed=1):
+        a, b = (int("".join(reversed(digits))) for digits in zip(*prompt.rstrip("=").split(",")))
+        for style in config.TEACHER_STYLES:
+            assert toy_task.final_answer(toy_task.solve(prompt, style)) == a + b
+            assert verifiers.get_verifier("toy")(toy_task.solve(prompt, style), answer)
+    with pytest.raises(ValueError, match="unknown style 'roman'"):
+        toy_task.solve("12=", "roman")
