@@ -175,9 +175,16 @@ class TrainConfig:
     seed: int = 0
     loss_chunk_tokens: int = 1024
     """Response tokens whose logits exist at once in the loss, from the final hidden states (0: all B x T x V)."""
+    pack_tokens: int = 0
+    """0: batches of batch_size rows, length-bucketed and right-padded. N > 0: packed batches instead, each the rows
+    of one bin holding at most N tokens (prompt + response) in all, laid end to end in one row with no padding and
+    attention kept within each sequence; batch_size is then unused (a step is accumulate_grad_batches bins of N
+    tokens, per device) and N must be at least the longest row. The loss is the same token mean."""
 
     def __post_init__(self):
         _positive(self, "steps", "batch_size", "lr", "accumulate_grad_batches", "devices", "num_nodes")
+        if self.pack_tokens < 0:
+            raise ConfigError(f"pack_tokens must be >= 0 (0: padded batches), got {self.pack_tokens}")
         if self.loss_chunk_tokens < 0:
             raise ConfigError(f"loss_chunk_tokens must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
         if "fsdp" in self.strategy.lower() and self.loss_chunk_tokens:

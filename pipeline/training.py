@@ -35,7 +35,10 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         cfg = self.cfg
-        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        # Packed batches (pipeline.data.collate) come with position_ids and no attention_mask, from which
+        # transformers builds attention within each sequence, but only without a KV cache: use_cache off.
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+        inputs["use_cache"] = False
         if cfg.loss_chunk_tokens:
             # The loss makes the logits of loss_chunk_tokens response positions at a time: never [B, T, V].
             config = self.model.config

@@ -74,15 +74,18 @@ def _toy_opd_rows(vocab, k=4, n=16, seed=0):
     ]
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, crash_at_step):
-    """16 rows in batches of 4: a checkpoint at step 3 is mid-epoch. A crash at step 5, then a rerun:
-    the final weights equal those of one uninterrupted 6-step run, bit for bit."""
+@pytest.mark.parametrize("pack_tokens", [0, 24])
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, crash_at_step, pack_tokens):
+    """16 rows in batches of 4 (or packed into bins of at most 24 tokens, 6 an epoch): a checkpoint at step 3
+    is mid-epoch. A crash at step 5, then a rerun: the final weights equal those of one uninterrupted
+    6-step run, bit for bit."""
     from pipeline import data, models, toy_task, training
     from pipeline.config import OpdConfig, ToyModelConfig
 
     tokenizer = toy_task.build_tokenizer()
     rows = _toy_opd_rows(len(tokenizer))
-    cfg = OpdConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=2, loss="opd+topk_fkl", checkpoint_every=3)
+    cfg = OpdConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=2, loss="opd+topk_fkl", checkpoint_every=3,
+                    pack_tokens=pack_tokens)
 
     def run(checkpoints):
         model = models.build_toy_model(ToyModelConfig(64, 1, 64, 1), tokenizer, seed=0)
