@@ -160,6 +160,61 @@ def test_ddp_with_two_cpu_processes_trains_one_model(tmp_path):
     assert any(not torch.equal(v, initial[n]) for n, v in ranks[0]["weights"].items())
 
 
+FSDP_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from pipeline import data, models, toy_task, training
+from pipeline.config import OpdConfig, ToyModelConfig
+from tests.test_training import FSDP_CONFIG, _toy_opd_rows
+
+out = Path(sys.argv[1])
+tokenizer = toy_task.build_tokenizer()
+cfg = OpdConfig(**FSDP_CONFIG, strategy="fsdp", devices=2)
+model = models.build_toy_model(ToyModelConfig(64, 2, 64, 1), tokenizer, seed=0)
+trainer = training.train(model, data.in_memory(_toy_opd_rows(len(tokenizer)), cfg.batch_size, tokenizer.pad_token_id,
+                                               cfg.seed), cfg, out / "logs", loss=cfg.loss)
+torch.save({"world": trainer.world_size, "weights": model.state_dict()}, out / f"rank{trainer.global_rank}.pt")
+"""
+FSDP_CONFIG = dict(steps=3, lr=1e-2, loss="opd+topk_fkl", loss_chunk_tokens=4, pack_tokens=24,
+                   activation_checkpointing=True)
+
+
+@pytest.mark.slow
+def test_fsdp_with_the_chunked_loss_matches_single_process_training(tmp_path):
+    """FSDP2 with 2 CPU processes (gloo), the chunked loss (4 positions a chunk), packed batches and activation
+    checkpointing: both ranks end with the weights of one process training the same batches with 2-batch
+    gradient accumulation (rank r takes every other batch, and FSDP averages the two ranks' gradients as
+    accumulation averages two batches'), to float tolerance, and the caller's model holds them unsharded."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline import data, models, toy_task, training
+    from pipeline.config import OpdConfig, ToyModelConfig
+    from tests.conftest import ROOT
+
+    script = tmp_path / "fsdp_train.py"
+    script.write_text(FSDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+
+    tokenizer = toy_task.build_tokenizer()
+    cfg = OpdConfig(**FSDP_CONFIG, accumulate_grad_batches=2)
+    model = models.build_toy_model(ToyModelConfig(64, 2, 64, 1), tokenizer, seed=0)
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    training.train(model, data.in_memory(_toy_opd_rows(len(tokenizer)), cfg.batch_size, tokenizer.pad_token_id,
+                                         cfg.seed), cfg, tmp_path / "single", loss=cfg.loss)
+    for name, value in model.state_dict().items():
+        assert not isinstance(ranks[0]["weights"][name], torch.distributed.tensor.DTensor), name
+        torch.testing.assert_close(ranks[0]["weights"][name], ranks[1]["weights"][name], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0]["weights"][name], value, rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(value, initial[name]) for name, value in model.state_dict().items())
+
+
 def test_training_sees_each_epoch_of_the_sampler_once_in_order(tmp_path, monkeypatch):
     """Across epoch boundaries the batches are exactly the sampler's epochs 0, 1, 2, ... (a dataloader
     reloaded or re-iterated by Lightning must not skip or repeat an epoch's order)."""
