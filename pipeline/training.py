@@ -132,19 +132,19 @@ class DistillModule(L.LightningModule):
 
 
 def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, loss: str = "sft",
-          checkpoint_dir: Path | None = None, fingerprint: dict | None = None):
+          checkpoint_dir: Path | None = None, fingerprint: dict | None = None, callbacks: list | None = None):
     """Train `model` in place on `data` for `cfg.steps` optimizer steps; CSV logs go to `log_dir`.
 
     With `cfg.checkpoint_every` and a `checkpoint_dir`, Lightning saves `last.ckpt` there every N
     steps and a rerun resumes from it exactly (weights, optimizer, schedule, position in the data),
     but only if it was written for the same `fingerprint` (config and inputs); otherwise it is
-    deleted. The directory is removed once training completes.
+    deleted. The directory is removed once training completes. `callbacks`: more Lightning callbacks (a bench's).
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    callbacks, resume_from = [], None
+    callbacks, resume_from = list(callbacks or []), None
     checkpointing = bool(cfg.checkpoint_every and checkpoint_dir is not None)
     if checkpointing:
         resume_from = _checkpoint_to_resume(Path(checkpoint_dir), fingerprint or {})
