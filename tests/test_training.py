@@ -215,6 +215,61 @@ def test_fsdp_with_the_chunked_loss_matches_single_process_training(tmp_path):
     assert any(not torch.equal(value, initial[name]) for name, value in model.state_dict().items())
 
 
+FSDP_RESUME_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from pipeline import data, models, toy_task, training
+from pipeline.config import OpdConfig, ToyModelConfig
+from tests.test_training import FSDP_CONFIG, _toy_opd_rows
+
+out, crash, name = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if crash >= 0:
+    step = training.DistillModule.training_step
+
+    def crashing(self, batch, batch_idx):
+        if self.global_step == crash:
+            raise RuntimeError("simulated crash")
+        return step(self, batch, batch_idx)
+
+    training.DistillModule.training_step = crashing
+tokenizer = toy_task.build_tokenizer()
+cfg = OpdConfig(**{**FSDP_CONFIG, "steps": 6}, strategy="fsdp", devices=2, checkpoint_every=2)
+model = models.build_toy_model(ToyModelConfig(64, 2, 64, 1), tokenizer, seed=0)
+trainer = training.train(model, data.in_memory(_toy_opd_rows(len(tokenizer)), cfg.batch_size, tokenizer.pad_token_id,
+                                               cfg.seed), cfg, out / "logs", loss=cfg.loss, checkpoint_dir=out / name,
+                         fingerprint={"run": 1})
+torch.save(model.state_dict(), out / f"{name}{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_training_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """FSDP2 on 2 CPU processes saves sharded (torch.distributed.checkpoint) checkpoints every 2 steps; a crash
+    at step 4 and a rerun end with the weights of an uninterrupted 6-step run, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = tmp_path / "fsdp_resume.py"
+    script.write_text(FSDP_RESUME_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+
+    def run(crash, name):
+        return subprocess.run([sys.executable, str(script), str(tmp_path), str(crash), name], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+
+    assert (done := run(-1, "uninterrupted")).returncode == 0, done.stderr[-3000:]
+    assert run(3, "ckpt").returncode != 0  # optimizer step 4
+    assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # one shard file per rank
+    assert (done := run(-1, "ckpt")).returncode == 0, done.stderr[-3000:]
+    reference, resumed = (torch.load(tmp_path / f"{name}0.pt") for name in ("uninterrupted", "ckpt"))
+    assert all(torch.equal(reference[key], resumed[key]) for key in reference)
+    assert not (tmp_path / "ckpt").exists()  # removed once training completed
+
+
 def test_training_sees_each_epoch_of_the_sampler_once_in_order(tmp_path, monkeypatch):
     """Across epoch boundaries the batches are exactly the sampler's epochs 0, 1, 2, ... (a dataloader
     reloaded or re-iterated by Lightning must not skip or repeat an epoch's order)."""
