@@ -1,4 +1,4 @@
-"""Padding of length-bucketed batches against packed ones (TrainConfig.pack_tokens), and the toy's training speed both ways.
+"""Padding of length-bucketed batches against packed ones (TrainConfig.pack_tokens), and the toy's speed both ways.
 
     python bench/packing.py [--rows 4000] [--batch-size 8] [--pack-tokens 4096 16384] [--steps 30] [--scale 8]
 

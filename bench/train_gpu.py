@@ -95,7 +95,8 @@ def memory_plan(shape: dict, tokens: int, k: int, chunk: int, devices: int = 1, 
     layer_n = parameter_count(shape, per_layer=True)
     gathered = ((n - layers * layer_n) + 2 * layer_n) * act_bytes if fsdp else 0
     return {"weights": 4 * n / devices, "gradients": 4 * n / devices, "AdamW state": 8 * n / devices,
-            "FSDP gathered": gathered, "activations": activations, "loss": loss, "teacher signal": tokens * (k * 12 + 12)}
+            "FSDP gathered": gathered, "activations": activations, "loss": loss,
+            "teacher signal": tokens * (k * 12 + 12)}
 
 
 def synthetic_rows(n_rows: int, vocab: int, k: int, scale: int, seed: int = 0) -> list[dict]:
@@ -228,13 +229,16 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = json.loads(lines[-1][len("RESULT "):])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     first = next(iter(results.values()))
-    print(f"\n{'tiny Qwen3' if args.tiny else 'small Qwen3' if args.small else 'Qwen3-1.7B'} shape, {first['params'] / 1e6:.1f}M parameters, {device}, "
+    shape = "tiny Qwen3" if args.tiny else "small Qwen3" if args.small else "Qwen3-1.7B"
+    print(f"\n{shape} shape, {first['params'] / 1e6:.1f}M parameters, {device}, "
           f"topk_fkl k = {args.k}, {args.steps} timed steps; MFU = 6 x N x tokens/s / {args.peak_flops:.3g}")
     print(f"{'variant':<16}{'tokens/step':>12}{'step s':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'plan GiB':>10}"
           f"{'vs packed':>11}")
+    def seconds_per_token(r):
+        return r["step_s"] / r["tokens_per_step"]
+
     for name, r in results.items():
-        ratio = r["step_s"] / r["tokens_per_step"] / (results["packed"]["step_s"] / results["packed"]["tokens_per_step"]) \
-            if "packed" in results else float("nan")
+        ratio = seconds_per_token(r) / seconds_per_token(results["packed"]) if "packed" in results else float("nan")
         print(f"{name:<16}{r['tokens_per_step']:>12,.0f}{r['step_s']:>10.3f}{r['tokens_per_s']:>12,.0f}{r['mfu']:>8.1%}"
               f"{r['peak'] / GIB:>10.2f}{r['plan'] / GIB:>10.2f}{ratio:>10.2f}x")
 

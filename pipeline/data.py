@@ -99,8 +99,8 @@ class ShardBatchSampler(Sampler[list[int]]):
                 raise ValueError(
                     f"row {too_long[0] - self.starts[shard]} of shard {shard} has {self.lengths[too_long[0]]} tokens "
                     f"(prompt + response), more than pack_tokens = {pack_tokens} (rows over it: {len(too_long)}; the "
-                    f"longest has {self.lengths.max()}). Fix: set pack_tokens to at least {self.lengths.max()} in this training "
-                    f"section, or 0 for padded batches of batch_size rows")
+                    f"longest has {self.lengths.max()}). Fix: set pack_tokens to at least {self.lengths.max()} in "
+                    f"this training section, or 0 for padded batches of batch_size rows")
             rng = np.random.default_rng(seed)  # not the epochs' [seed, epoch]: packed once for every epoch
             self.packed = [pack_rows(self.starts[shard] + rng.permutation(size), self.lengths, pack_tokens)
                            for shard, size in enumerate(shard_sizes)]
@@ -231,7 +231,8 @@ def collate(rows: list[dict], pad_id: int, packed: bool = False) -> dict[str, to
             "mask": cols >= np.repeat(prompt_lens - 1, positions)}  # position p - 1 predicts the first response token
     for key in (k for k in RESPONSE_FIELDS if k in rows[0]):
         values = np.concatenate([np.asarray(r[key]) for r in rows])
-        flat[key] = np.zeros((len(cols), *values.shape[1:]), dtype=np.int64 if key == "teacher_topk_ids" else np.float32)
+        dtype = np.int64 if key == "teacher_topk_ids" else np.float32
+        flat[key] = np.zeros((len(cols), *values.shape[1:]), dtype=dtype)
         flat[key][flat["mask"]] = values  # response tokens are the masked positions, in the same order
     if packed:
         batch = {key: value[None] for key, value in flat.items()}

@@ -179,8 +179,10 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         deterministic=True,
     )
     # fsdp shards the module it trains in place (DTensor parameters): it trains a copy, whose full weights
-    # are copied back into `model` at the end, so that the caller saves a plain model.
+    # are copied back into `model` at the end, so that the caller saves a plain model; `model` waits on the CPU.
     module = DistillModule(copy.deepcopy(model) if cfg.strategy == "fsdp" else model, cfg, loss)
+    if module.model is not model:
+        model.to("cpu")
     model.train()
     with warnings.catch_warnings():
         # ShardedData resumes from the restored step count, which Lightning cannot see

@@ -1,4 +1,5 @@
-"""bench/packing.py end to end on a small size: its ratios come from the real sampler and collate. No timing asserted."""
+"""bench/packing.py end to end on a small size: its ratios come from the real sampler and collate. No timing
+asserted."""
 
 from bench import packing
 
