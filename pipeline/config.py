@@ -167,7 +167,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Save a checkpoint every N optimizer steps (0: never); a rerun after a crash resumes from the last one."""
     strategy: str = "auto"
-    """Lightning strategy: auto, ddp, fsdp (GPUs), or any name Lightning accepts."""
+    """Lightning strategy: auto, ddp, fsdp, or any name Lightning accepts. fsdp is FSDP2 (fully_shard, through
+    Lightning's ModelParallelStrategy): each decoder layer and the rest of the model sharded over all devices; the
+    chunked loss still reads the whole LM head (gathered with the root's parameters for the step's forward)."""
     devices: int = 1
     """Devices (GPUs, or CPU processes with ddp) per node."""
     num_nodes: int = 1
@@ -175,6 +177,14 @@ class TrainConfig:
     seed: int = 0
     loss_chunk_tokens: int = 1024
     """Response tokens whose logits exist at once in the loss, from the final hidden states (0: all B x T x V)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (transformers'
+    gradient checkpointing, non-reentrant): about one more forward pass of compute for a fraction of the memory."""
+    pack_tokens: int = 0
+    """0: batches of batch_size rows, length-bucketed and right-padded. N > 0: packed batches instead, each the rows
+    of one bin holding at most N tokens (prompt + response) in all, laid end to end in one row with no padding and
+    attention kept within each sequence; batch_size is then unused (a step is accumulate_grad_batches bins of N
+    tokens, per device) and N must be at least the longest row. The loss is the same token mean."""
 
     def training(self) -> "TrainConfig":
         """This config's TrainConfig fields alone: what an OPD run's equal-compute control trains with."""
@@ -182,12 +192,14 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive(self, "steps", "batch_size", "lr", "accumulate_grad_batches", "devices", "num_nodes")
+        if self.pack_tokens < 0:
+            raise ConfigError(f"pack_tokens must be >= 0 (0: padded batches), got {self.pack_tokens}")
         if self.loss_chunk_tokens < 0:
             raise ConfigError(f"loss_chunk_tokens must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
-        if "fsdp" in self.strategy.lower() and self.loss_chunk_tokens:
+        if "fsdp" in self.strategy.lower() and self.strategy != "fsdp":
             raise ConfigError(
-                f"strategy {self.strategy!r} shards the LM head, which the chunked loss reads as a whole. "
-                f"Fix: set loss_chunk_tokens: 0 in this section (full logits; mind B x T x V memory), or use ddp."
+                f"strategy {self.strategy!r}: the FSDP strategy here is fsdp (FSDP2, which keeps the chunked loss's "
+                f"LM head whole for the loss); Lightning's other FSDP variants shard it where the loss cannot see it"
             )
 
 
@@ -361,6 +373,9 @@ class OpdConfig(TrainConfig):
         _positive(self, "max_shards_in_memory")
         if self.refresh_every < 0:
             raise ConfigError(f"opd.refresh_every must be >= 0 (0: never), got {self.refresh_every}")
+        if self.refresh_every and self.strategy == "fsdp":
+            raise ConfigError("opd.refresh_every samples from the student inside training, which fsdp keeps sharded: "
+                              "use strategy auto or ddp with refresh_every")
         if self.refresh_every and self.devices * self.num_nodes > 1:
             raise ConfigError("opd.refresh_every runs rollouts and scoring inside training, on one device for now: "
                               "set opd.devices: 1, or refresh_every: 0 and scale the offline stages with --shard")

@@ -6,6 +6,7 @@ accumulation and devices are Lightning's.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -17,6 +18,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from pipeline import losses, progress
 from pipeline.config import OpdConfig, TrainConfig
@@ -33,9 +37,15 @@ class DistillModule(L.LightningModule):
         self.model, self.cfg, self.loss_name = model, cfg, loss
         self._tokens, self._t0 = 0, None
 
-    def training_step(self, batch, batch_idx):
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        """compute_loss's dict for a collated batch. Called as self(batch), so that under FSDP2 this module,
+        the root of the sharding (configure_model), has its parameters (embeddings, final norm, LM head)
+        gathered for it, and the chunked loss reads the whole LM head."""
         cfg = self.cfg
-        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        # Packed batches (pipeline.data.collate) come with position_ids and no attention_mask, from which
+        # transformers builds attention within each sequence, but only without a KV cache: use_cache off.
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+        inputs["use_cache"] = False
         if cfg.loss_chunk_tokens:
             # The loss makes the logits of loss_chunk_tokens response positions at a time: never [B, T, V].
             config = self.model.config
@@ -64,8 +74,8 @@ class DistillModule(L.LightningModule):
                 temperature=cfg.temperature,
                 sft_weight=cfg.sft_weight,
             )
-        # out: the loss, each term, clip_fraction, entropy and reverse_kl, all logged below.
-        out = losses.compute_loss(
+        # the loss, each term, clip_fraction, entropy and reverse_kl, all logged by training_step
+        return losses.compute_loss(
             self.loss_name,
             **student,
             targets=batch["targets"],
@@ -76,6 +86,9 @@ class DistillModule(L.LightningModule):
             teacher_topk_logprobs=topk_lp,
             **options,
         )
+
+    def training_step(self, batch, batch_idx):
+        out = self(batch)
         self._tokens += int(batch["mask"].sum())
         self._t0 = self._t0 or time.perf_counter()
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
@@ -85,6 +98,22 @@ class DistillModule(L.LightningModule):
         self.log("loss", out["loss"], prog_bar=True, on_step=True, logger=False)
         self.log("tokens/s", logs["train/tokens_per_s"], prog_bar=True, on_step=True, logger=False)
         return out["loss"]
+
+    def configure_model(self):
+        """Activation checkpointing, and under fsdp the sharding: FSDP2's fully_shard on each decoder layer, then
+        on this module, the root, which holds the rest (embeddings, final norm, LM head) and gathers it for
+        forward (self(batch)); the root's parameters are not resharded between forward and backward."""
+        if self.cfg.activation_checkpointing:
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
+        if self.cfg.strategy != "fsdp" or isinstance(self, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        # bf16-mixed: layers gathered and computed in bf16, gradients reduced in float32 (FSDP2's mixed precision)
+        bf16 = self.trainer.precision == "bf16-mixed"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        for layer in [m for m in self.model.modules() if type(m).__name__ in self.model._no_split_modules]:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(self, mesh=mesh, mp_policy=policy)
 
     def configure_optimizers(self):
         cfg = self.cfg
@@ -103,19 +132,19 @@ class DistillModule(L.LightningModule):
 
 
 def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, loss: str = "sft",
-          checkpoint_dir: Path | None = None, fingerprint: dict | None = None):
+          checkpoint_dir: Path | None = None, fingerprint: dict | None = None, callbacks: list | None = None):
     """Train `model` in place on `data` for `cfg.steps` optimizer steps; CSV logs go to `log_dir`.
 
     With `cfg.checkpoint_every` and a `checkpoint_dir`, Lightning saves `last.ckpt` there every N
     steps and a rerun resumes from it exactly (weights, optimizer, schedule, position in the data),
     but only if it was written for the same `fingerprint` (config and inputs); otherwise it is
-    deleted. The directory is removed once training completes.
+    deleted. The directory is removed once training completes. `callbacks`: more Lightning callbacks (a bench's).
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    callbacks, resume_from = [], None
+    callbacks, resume_from = list(callbacks or []), None
     checkpointing = bool(cfg.checkpoint_every and checkpoint_dir is not None)
     if checkpointing:
         resume_from = _checkpoint_to_resume(Path(checkpoint_dir), fingerprint or {})
@@ -125,12 +154,15 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
     terminal = progress.is_terminal()
     if not terminal:
         callbacks.append(LogProgress())
+    strategy = cfg.strategy
+    if strategy == "fsdp":  # FSDP2 over every device: data parallel, no tensor parallel
+        strategy = ModelParallelStrategy(data_parallel_size=cfg.devices * cfg.num_nodes, tensor_parallel_size=1)
     trainer = L.Trainer(
         max_steps=cfg.steps,
         accelerator="auto",
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
+        strategy=strategy,
         precision=precision,
         gradient_clip_val=cfg.grad_clip or None,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
@@ -146,7 +178,11 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         enable_progress_bar=terminal,
         deterministic=True,
     )
-    module = DistillModule(model, cfg, loss)
+    # fsdp shards the module it trains in place (DTensor parameters): it trains a copy, whose full weights
+    # are copied back into `model` at the end, so that the caller saves a plain model; `model` waits on the CPU.
+    module = DistillModule(copy.deepcopy(model) if cfg.strategy == "fsdp" else model, cfg, loss)
+    if module.model is not model:
+        model.to("cpu")
     model.train()
     with warnings.catch_warnings():
         # ShardedData resumes from the restored step count, which Lightning cannot see
@@ -154,6 +190,10 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         # a resumed run appends to the CSV log of the run it continues
         warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
         trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    if module.model is not model:
+        # every rank gathers each parameter (a collective), one at a time, onto the CPU
+        model.load_state_dict({name: (value.full_tensor() if isinstance(value, DTensor) else value).cpu()
+                               for name, value in module.model.state_dict().items()})
     model.eval()
     if checkpointing and trainer.is_global_zero:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)

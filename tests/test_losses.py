@@ -661,12 +661,13 @@ def test_opd_config_validates_every_loss_option():
         ({"clip_against": "mu"}, r"opd.clip_against must be one of \('current', 'behavior'\)"),
         ({"clip_against": "behavior", "clip_eps": None}, r"clip_against behavior .* needs clip_eps"),
         ({"clip_against": "behavior", "importance_cap": 2.0}, r"excludes importance_cap"),
-        ({"strategy": "fsdp"}, r"strategy 'fsdp' shards the LM head.* loss_chunk_tokens: 0"),
+        ({"strategy": "fsdp_cpu_offload"}, r"the FSDP strategy here is fsdp"),
+        ({"strategy": "fsdp", "refresh_every": 1}, r"fsdp keeps sharded"),
     ]
     for params, message in bad:
         with pytest.raises(ConfigError, match=message):
             from_dict(OpdConfig, params, "opd")
-    assert from_dict(OpdConfig, {"strategy": "fsdp", "loss_chunk_tokens": 0}, "opd").strategy == "fsdp"
+    assert from_dict(OpdConfig, {"strategy": "fsdp"}, "opd").loss_chunk_tokens == 1024  # FSDP with the chunked loss
 
 
 # --- from hidden states: the logits a chunk of positions at a time -------------------------------

@@ -74,15 +74,18 @@ def _toy_opd_rows(vocab, k=4, n=16, seed=0):
     ]
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, crash_at_step):
-    """16 rows in batches of 4: a checkpoint at step 3 is mid-epoch. A crash at step 5, then a rerun:
-    the final weights equal those of one uninterrupted 6-step run, bit for bit."""
+@pytest.mark.parametrize("pack_tokens", [0, 24])
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, crash_at_step, pack_tokens):
+    """16 rows in batches of 4 (or packed into bins of at most 24 tokens, 6 an epoch): a checkpoint at step 3
+    is mid-epoch. A crash at step 5, then a rerun: the final weights equal those of one uninterrupted
+    6-step run, bit for bit."""
     from pipeline import data, models, toy_task, training
     from pipeline.config import OpdConfig, ToyModelConfig
 
     tokenizer = toy_task.build_tokenizer()
     rows = _toy_opd_rows(len(tokenizer))
-    cfg = OpdConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=2, loss="opd+topk_fkl", checkpoint_every=3)
+    cfg = OpdConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=2, loss="opd+topk_fkl", checkpoint_every=3,
+                    pack_tokens=pack_tokens)
 
     def run(checkpoints):
         model = models.build_toy_model(ToyModelConfig(64, 1, 64, 1), tokenizer, seed=0)
@@ -155,6 +158,117 @@ def test_ddp_with_two_cpu_processes_trains_one_model(tmp_path):
     for name, value in ranks[0]["weights"].items():
         assert torch.equal(value, ranks[1]["weights"][name]), name
     assert any(not torch.equal(v, initial[n]) for n, v in ranks[0]["weights"].items())
+
+
+FSDP_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from pipeline import data, models, toy_task, training
+from pipeline.config import OpdConfig, ToyModelConfig
+from tests.test_training import FSDP_CONFIG, _toy_opd_rows
+
+out = Path(sys.argv[1])
+tokenizer = toy_task.build_tokenizer()
+cfg = OpdConfig(**FSDP_CONFIG, strategy="fsdp", devices=2)
+model = models.build_toy_model(ToyModelConfig(64, 2, 64, 1), tokenizer, seed=0)
+trainer = training.train(model, data.in_memory(_toy_opd_rows(len(tokenizer)), cfg.batch_size, tokenizer.pad_token_id,
+                                               cfg.seed), cfg, out / "logs", loss=cfg.loss)
+torch.save({"world": trainer.world_size, "weights": model.state_dict()}, out / f"rank{trainer.global_rank}.pt")
+"""
+FSDP_CONFIG = dict(steps=3, lr=1e-2, loss="opd+topk_fkl", loss_chunk_tokens=4, pack_tokens=24,
+                   activation_checkpointing=True)
+
+
+@pytest.mark.slow
+def test_fsdp_with_the_chunked_loss_matches_single_process_training(tmp_path):
+    """FSDP2 with 2 CPU processes (gloo), the chunked loss (4 positions a chunk), packed batches and activation
+    checkpointing: both ranks end with the weights of one process training the same batches with 2-batch
+    gradient accumulation (rank r takes every other batch, and FSDP averages the two ranks' gradients as
+    accumulation averages two batches'), to float tolerance, and the caller's model holds them unsharded."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline import data, models, toy_task, training
+    from pipeline.config import OpdConfig, ToyModelConfig
+    from tests.conftest import ROOT
+
+    script = tmp_path / "fsdp_train.py"
+    script.write_text(FSDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+
+    tokenizer = toy_task.build_tokenizer()
+    cfg = OpdConfig(**FSDP_CONFIG, accumulate_grad_batches=2)
+    model = models.build_toy_model(ToyModelConfig(64, 2, 64, 1), tokenizer, seed=0)
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    training.train(model, data.in_memory(_toy_opd_rows(len(tokenizer)), cfg.batch_size, tokenizer.pad_token_id,
+                                         cfg.seed), cfg, tmp_path / "single", loss=cfg.loss)
+    for name, value in model.state_dict().items():
+        assert not isinstance(ranks[0]["weights"][name], torch.distributed.tensor.DTensor), name
+        torch.testing.assert_close(ranks[0]["weights"][name], ranks[1]["weights"][name], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0]["weights"][name], value, rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(value, initial[name]) for name, value in model.state_dict().items())
+
+
+FSDP_RESUME_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from pipeline import data, models, toy_task, training
+from pipeline.config import OpdConfig, ToyModelConfig
+from tests.test_training import FSDP_CONFIG, _toy_opd_rows
+
+out, crash, name = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if crash >= 0:
+    step = training.DistillModule.training_step
+
+    def crashing(self, batch, batch_idx):
+        if self.global_step == crash:
+            raise RuntimeError("simulated crash")
+        return step(self, batch, batch_idx)
+
+    training.DistillModule.training_step = crashing
+tokenizer = toy_task.build_tokenizer()
+cfg = OpdConfig(**{**FSDP_CONFIG, "steps": 6}, strategy="fsdp", devices=2, checkpoint_every=2)
+model = models.build_toy_model(ToyModelConfig(64, 2, 64, 1), tokenizer, seed=0)
+trainer = training.train(model, data.in_memory(_toy_opd_rows(len(tokenizer)), cfg.batch_size, tokenizer.pad_token_id,
+                                               cfg.seed), cfg, out / "logs", loss=cfg.loss, checkpoint_dir=out / name,
+                         fingerprint={"run": 1})
+torch.save(model.state_dict(), out / f"{name}{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_training_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """FSDP2 on 2 CPU processes saves sharded (torch.distributed.checkpoint) checkpoints every 2 steps; a crash
+    at step 4 and a rerun end with the weights of an uninterrupted 6-step run, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = tmp_path / "fsdp_resume.py"
+    script.write_text(FSDP_RESUME_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+
+    def run(crash, name):
+        return subprocess.run([sys.executable, str(script), str(tmp_path), str(crash), name], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+
+    assert (done := run(-1, "uninterrupted")).returncode == 0, done.stderr[-3000:]
+    assert run(3, "ckpt").returncode != 0  # optimizer step 4
+    assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # one shard file per rank
+    assert (done := run(-1, "ckpt")).returncode == 0, done.stderr[-3000:]
+    reference, resumed = (torch.load(tmp_path / f"{name}0.pt") for name in ("uninterrupted", "ckpt"))
+    assert all(torch.equal(reference[key], resumed[key]) for key in reference)
+    assert not (tmp_path / "ckpt").exists()  # removed once training completed
 
 
 def test_training_sees_each_epoch_of_the_sampler_once_in_order(tmp_path, monkeypatch):
