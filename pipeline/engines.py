@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.models import load_model, load_tokenizer
@@ -46,7 +48,7 @@ class Scores:
 
 
 class HFEngine:
-    """transformers in-process engine: left-padded batched `generate`, right-padded scoring."""
+    """transformers in-process engine: left-padded batched `generate`, packed and chunked scoring."""
 
     name = "hf"
 
@@ -122,32 +124,77 @@ class HFEngine:
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[Scores]:
-        """Teacher log-probs of each response token given prompt and previous tokens, plus top-k."""
+        """Teacher log-probs of each response token given prompt and previous tokens, plus top-k.
+
+        Sequences are packed end to end into passes of `score_pass_tokens` (no padding) and the head's
+        logits are built `score_chunk_tokens` response positions at a time, so memory is bounded by those
+        two settings, never by sequences x length x vocabulary.
+        """
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
         out = []
         with Progress("score", len(prompts), "sequences") as progress:
-            for start in range(0, len(prompts), self.cfg.batch_size):
-                rows = [p + r for p, r in zip(prompts[start : start + self.cfg.batch_size], responses[start:])]
-                ids, mask = self._pad(rows, left=False)
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-                for row in range(len(rows)):
-                    p_len = len(prompts[start + row])
-                    r_len = len(rows[row]) - p_len
-                    # position t predicts token t + 1, so response token j is scored at p_len - 1 + j;
-                    # float32 log-softmax of one row's response positions at a time: [R, V], not [B, L, V]
-                    logprobs = torch.log_softmax(logits[row, p_len - 1 : p_len - 1 + r_len].float(), -1)
-                    top_lp, top_ids = logprobs.topk(k, dim=-1)
-                    targets = ids[row, p_len : p_len + r_len]
-                    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                    out.append(
-                        Scores(
-                            token_lp.cpu().numpy().astype(np.float32),
-                            top_ids.cpu().numpy().astype(np.int32),
-                            top_lp.cpu().numpy().astype(np.float32),
-                        )
-                    )
+            for group in pack(lengths, self.cfg.score_pass_tokens):
+                out.extend(self._score_packed([prompts[i] for i in group], [responses[i] for i in group], k))
                 # prompt + response tokens: the forward pass reads both (bench/engines.py's scoring tokens/s)
-                progress.update(len(rows), tokens=int(mask.sum()))
+                progress.update(len(group), tokens=sum(lengths[i] for i in group))
         return out
+
+    def _score_packed(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[Scores]:
+        """One forward pass over the sequences laid end to end, as a single row.
+
+        position_ids restart at 0 for each sequence and there is no attention mask, which transformers reads as
+        packed sequences: its sdpa, eager and flex attention get a block-diagonal causal mask and flash-attention
+        the sequence boundaries, so no token attends across sequences. No KV cache (with one, transformers does
+        not look for packing).
+        """
+        rows = [p + r for p, r in zip(prompts, responses)]
+        ids = torch.tensor([t for row in rows for t in row], dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(len(row)) for row in rows]).to(self.device)
+        hidden = self.model.base_model(input_ids=ids[None], position_ids=positions[None], use_cache=False)
+        starts = np.cumsum([0] + [len(row) for row in rows[:-1]])
+        # position t predicts token t + 1, so response token j is scored at p_len - 1 + j of its sequence
+        scored = torch.cat([torch.arange(s + len(p) - 1, s + len(p) - 1 + len(r)) for s, p, r in
+                            zip(starts, prompts, responses)]).to(self.device)
+        head = self.model.get_output_embeddings()
+        token_lp, top_lp, top_ids = head_scores(hidden.last_hidden_state[0, scored], head.weight, head.bias,
+                                                ids[scored + 1], k, self.cfg.score_chunk_tokens)
+        splits = np.cumsum([len(r) for r in responses[:-1]])
+        return [Scores(*parts) for parts in zip(*(np.split(x.cpu().numpy(), splits) for x in
+                                                  (token_lp, top_ids.to(torch.int32), top_lp)))]
+
+
+def pack(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices grouped so that each group's lengths sum to at most `budget` (a longer one alone)."""
+    groups: list[list[int]] = []
+    total = budget
+    for i, n in enumerate(lengths):
+        if total + n > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    return groups
+
+
+def head_scores(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, k: int,
+                chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probs of `targets` and the top-k under logits F.linear(hidden, weight, bias), `chunk` rows at a time.
+
+    The product runs in the weights' dtype (as the model's own head would), the log-softmax in float32; only one
+    chunk's [chunk, V] logits exist at once. Returns float32 [N], float32 [N, k] and int64 [N, k].
+    """
+    token_lp, top_lp, top_ids = [], [], []
+    for start in range(0, len(hidden), chunk):
+        logits = F.linear(hidden[start : start + chunk], weight, bias).float()
+        logits -= logits.logsumexp(-1, keepdim=True)  # in place: a float32 head's logits are not copied
+        lp, ids = logits.topk(k, dim=-1)
+        top_lp.append(lp)
+        top_ids.append(ids)
+        token_lp.append(logits.gather(-1, targets[start : start + chunk, None]).squeeze(-1))
+    if not token_lp:  # no response tokens at all
+        empty = hidden.new_empty(0, k, dtype=torch.float32)
+        return empty[:, 0], empty, empty.long()
+    return torch.cat(token_lp), torch.cat(top_lp), torch.cat(top_ids)
 
 
 class VLLMEngine:
