@@ -212,8 +212,8 @@ class EngineConfig:
     batch_size: int = 256
     """hf: sequences per `generate` batch. vllm: the most sequences in flight at once (max_num_seqs)."""
     score_pass_tokens: int = 8192
-    """hf scoring: tokens packed into one forward pass (whole sequences end to end, no padding; a longer
-    sequence goes alone). With sdpa attention the block-diagonal mask holds score_pass_tokens^2 bytes."""
+    """hf scoring: tokens of one forward pass, in rows as long as the longest sequence, each holding whole
+    sequences end to end (no padding but the rows' unused tails); at least one row a pass."""
     score_chunk_tokens: int = 1024
     """hf scoring: response positions whose logits exist at once ([chunk, V]; float32, about 3 x chunk x V x 4
     bytes at the peak), computed from the final hidden states and the LM head, never [tokens, V]."""
@@ -230,7 +230,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 0
     """vllm: token budget of one engine step; 0 takes vLLM's default (CPU build: at least max_model_len)."""
     enable_prefix_caching: bool = True
-    """vllm: reuse the KV cache of shared prompt prefixes (the n samples of one prompt)."""
+    """vllm: reuse the KV cache of shared prompt prefixes (the n samples of one prompt); scoring requests never
+    read it (their prompt log-probs must be computed at every position)."""
     enforce_eager: bool = False
     """vllm: skip graph capture and compilation (faster start, slower steps; good for tiny models)."""
 

@@ -126,54 +126,71 @@ class HFEngine:
     def score(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[Scores]:
         """Teacher log-probs of each response token given prompt and previous tokens, plus top-k.
 
-        Sequences are packed end to end into passes of `score_pass_tokens` (no padding) and the head's
-        logits are built `score_chunk_tokens` response positions at a time, so memory is bounded by those
-        two settings, never by sequences x length x vocabulary.
+        Whole sequences are packed end to end into rows as long as the longest one (`pack`), as many rows a
+        forward pass as fit in `score_pass_tokens`, and the head's logits are built `score_chunk_tokens`
+        response positions at a time: memory is bounded by those settings, never by sequences x length x V.
         """
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-        out = []
+        width = max(lengths, default=1)
+        rows = pack(lengths, width)
+        per_pass = max(1, self.cfg.score_pass_tokens // width)
+        out: list[Scores | None] = [None] * len(prompts)
         with Progress("score", len(prompts), "sequences") as progress:
-            for group in pack(lengths, self.cfg.score_pass_tokens):
-                out.extend(self._score_packed([prompts[i] for i in group], [responses[i] for i in group], k))
+            for start in range(0, len(rows), per_pass):
+                batch = rows[start : start + per_pass]
+                order = [i for row in batch for i in row]
+                for i, scores in zip(order, self._score_rows(prompts, responses, batch, width, k)):
+                    out[i] = scores
                 # prompt + response tokens: the forward pass reads both (bench/engines.py's scoring tokens/s)
-                progress.update(len(group), tokens=sum(lengths[i] for i in group))
+                progress.update(len(order), tokens=sum(lengths[i] for i in order))
         return out
 
-    def _score_packed(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[Scores]:
-        """One forward pass over the sequences laid end to end, as a single row.
+    def _score_rows(self, prompts, responses, rows: list[list[int]], width: int, k: int) -> list[Scores]:
+        """One forward pass over `rows` of packed sequences (indices into prompts), each row `width` tokens long.
 
         position_ids restart at 0 for each sequence and there is no attention mask, which transformers reads as
         packed sequences: its sdpa, eager and flex attention get a block-diagonal causal mask and flash-attention
-        the sequence boundaries, so no token attends across sequences. No KV cache (with one, transformers does
-        not look for packing).
+        the sequence boundaries, so no token attends across sequences. A row's unused tail is filler (pad tokens,
+        positions from 0: a sequence of its own that nothing reads). No KV cache (with one, transformers does not
+        look for packing). Returns the Scores of the rows' sequences in row order.
         """
-        rows = [p + r for p, r in zip(prompts, responses)]
-        ids = torch.tensor([t for row in rows for t in row], dtype=torch.long, device=self.device)
-        positions = torch.cat([torch.arange(len(row)) for row in rows]).to(self.device)
-        hidden = self.model.base_model(input_ids=ids[None], position_ids=positions[None], use_cache=False)
-        starts = np.cumsum([0] + [len(row) for row in rows[:-1]])
-        # position t predicts token t + 1, so response token j is scored at p_len - 1 + j of its sequence
-        scored = torch.cat([torch.arange(s + len(p) - 1, s + len(p) - 1 + len(r)) for s, p, r in
-                            zip(starts, prompts, responses)]).to(self.device)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        scored = []
+        for r, row in enumerate(rows):
+            col = 0
+            for i in row:
+                sequence = prompts[i] + responses[i]
+                ids[r, col : col + len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+                positions[r, col : col + len(sequence)] = torch.arange(len(sequence))
+                # position t predicts token t + 1, so response token j is scored at p_len - 1 + j of its sequence
+                scored.append(r * width + col + len(prompts[i]) - 1 + torch.arange(len(responses[i])))
+                col += len(sequence)
+            positions[r, col:] = torch.arange(width - col)
+        ids, positions, scored = ids.to(self.device), positions.to(self.device), torch.cat(scored).to(self.device)
+        hidden = self.model.base_model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         head = self.model.get_output_embeddings()
-        token_lp, top_lp, top_ids = head_scores(hidden.last_hidden_state[0, scored], head.weight, head.bias,
-                                                ids[scored + 1], k, self.cfg.score_chunk_tokens)
-        splits = np.cumsum([len(r) for r in responses[:-1]])
+        token_lp, top_lp, top_ids = head_scores(hidden.flatten(0, 1)[scored], head.weight, head.bias,
+                                                ids.flatten()[scored + 1], k, self.cfg.score_chunk_tokens)
+        splits = np.cumsum([len(responses[i]) for row in rows for i in row][:-1])
         return [Scores(*parts) for parts in zip(*(np.split(x.cpu().numpy(), splits) for x in
                                                   (token_lp, top_ids.to(torch.int32), top_lp)))]
 
 
-def pack(lengths: list[int], budget: int) -> list[list[int]]:
-    """Consecutive indices grouped so that each group's lengths sum to at most `budget` (a longer one alone)."""
-    groups: list[list[int]] = []
-    total = budget
-    for i, n in enumerate(lengths):
-        if total + n > budget:
-            groups.append([])
-            total = 0
-        groups[-1].append(i)
-        total += n
-    return groups
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of sequences grouped into rows of at most `capacity` tokens (a longer sequence alone): first fit,
+    longest first, which leaves little of each row unused; within a row, in that order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            rows.append([])
+            room.append(capacity)
+            fit = len(rows) - 1
+        rows[fit].append(i)
+        room[fit] -= lengths[i]
+    return rows
 
 
 def head_scores(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, k: int,
@@ -274,11 +291,15 @@ class VLLMEngine:
         """Teacher log-probs of each response token, from vLLM's prompt log-probs on prompt + response."""
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
+        # flat_logprobs: a few flat lists per request instead of k + 1 Logprob objects per position;
+        # skip_reading_prefix_cache: every position is computed, none read from a cache of earlier requests
+        # (vLLM issues 17251, 23399: prompt log-probs at cached positions are missing or stale in some versions).
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True,
+                                skip_reading_prefix_cache=True)
         requests = [{"prompt_token_ids": p + r} for p, r in zip(prompts, responses)]
         outputs = self.llm.generate(requests, params, use_tqdm=is_terminal())
         return [
-            scores_from_prompt_logprobs(out.prompt_logprobs, req["prompt_token_ids"], len(p), k)
+            scores_from_flat_prompt_logprobs(out.prompt_logprobs, req["prompt_token_ids"], len(p), k)
             for out, req, p in zip(outputs, requests, prompts)
         ]
 
@@ -297,35 +318,36 @@ def sampled_logprobs(token_ids, logprobs) -> list[float]:
     return [float(pos[tok].logprob) for tok, pos in zip(token_ids, logprobs)]
 
 
-def scores_from_prompt_logprobs(prompt_logprobs, token_ids, prompt_len: int, k: int) -> Scores:
-    """vLLM prompt log-probs of prompt + response turned into the response's Scores.
+def scores_from_flat_prompt_logprobs(prompt_logprobs, token_ids, prompt_len: int, k: int) -> Scores:
+    """vLLM's prompt log-probs of prompt + response, in its flat form (`flat_logprobs=True`), as the response's Scores.
 
-    `prompt_logprobs[t]` is None at t = 0 (nothing predicts the first token) and otherwise a
-    {token_id: Logprob(logprob, rank)} dict holding the top-k plus the actual token t, which makes
-    k + 1 entries when that token is outside the top-k. The actual token's entry gives the exact
-    log-prob; the k best entries by log-prob (rank breaking ties) give the top-k.
+    `vllm.logprobs.FlatLogprobs` keeps every entry in a few flat lists, position t's in
+    `[start_indices[t], end_indices[t])`: none at t = 0 (nothing predicts the first token), and otherwise
+    k + 1 entries, the actual token t first (its exact log-prob, whatever its rank) and then the top-k by rank.
+    So the arrays are slices of those lists reshaped to [positions, k + 1], with no Python work per entry.
     """
     if prompt_len < 1:
         raise ValueError("the prompt must hold at least one token (the first position has no log-prob)")
-    if prompt_logprobs is None or len(prompt_logprobs) != len(token_ids):
-        raise ValueError(
-            f"vLLM returned {0 if prompt_logprobs is None else len(prompt_logprobs)} prompt log-prob positions "
-            f"for {len(token_ids)} tokens: the request must set prompt_logprobs=k"
-        )
-    n = len(token_ids) - prompt_len
-    token_lp = np.empty(n, dtype=np.float32)
-    topk_ids = np.empty((n, k), dtype=np.int32)
-    topk_lp = np.empty((n, k), dtype=np.float32)
-    for j in range(n):
-        t = prompt_len + j
-        entries = prompt_logprobs[t]
-        if entries is None or token_ids[t] not in entries or len(entries) < k:
-            raise ValueError(f"position {t}: vLLM gave {entries!r}, expected the token {token_ids[t]} and >= {k} entries")
-        token_lp[j] = entries[token_ids[t]].logprob
-        best = sorted(entries.items(), key=lambda e: (-e[1].logprob, e[1].rank))[:k]
-        topk_ids[j] = [tid for tid, _ in best]
-        topk_lp[j] = [lp.logprob for _, lp in best]
-    return Scores(token_lp, topk_ids, topk_lp)
+    positions = 0 if prompt_logprobs is None else len(prompt_logprobs.start_indices)
+    if positions != len(token_ids):
+        raise ValueError(f"vLLM returned {positions} prompt log-prob positions for {len(token_ids)} tokens: "
+                         f"the request must set prompt_logprobs=k and flat_logprobs=True")
+    n, width = len(token_ids) - prompt_len, k + 1
+    starts = np.asarray(prompt_logprobs.start_indices[prompt_len:], dtype=np.int64)
+    ends = np.asarray(prompt_logprobs.end_indices[prompt_len:], dtype=np.int64)
+    first = int(starts[0]) if n else 0
+    expected = first + width * np.arange(n)
+    if not (np.array_equal(starts, expected) and np.array_equal(ends, expected + width)):
+        bad = prompt_len + int(np.flatnonzero((starts != expected) | (ends != expected + width))[0])
+        raise ValueError(f"position {bad}: vLLM gave {prompt_logprobs.end_indices[bad] - prompt_logprobs.start_indices[bad]}"
+                         f" entries, expected the actual token and the top-{k} ({width})")
+    ids = np.asarray(prompt_logprobs.token_ids[first : first + n * width], dtype=np.int64).reshape(n, width)
+    logprobs = np.asarray(prompt_logprobs.logprobs[first : first + n * width], dtype=np.float32).reshape(n, width)
+    wrong = np.flatnonzero(ids[:, 0] != np.asarray(token_ids[prompt_len:], dtype=np.int64))
+    if len(wrong):
+        t = prompt_len + int(wrong[0])
+        raise ValueError(f"position {t}: vLLM's first entry is token {ids[wrong[0], 0]}, expected the actual token {token_ids[t]}")
+    return Scores(np.ascontiguousarray(logprobs[:, 0]), ids[:, 1:].astype(np.int32), np.ascontiguousarray(logprobs[:, 1:]))
 
 
 def engine_version(name: str) -> str:

@@ -38,26 +38,28 @@ def _sequences(vocab: int, n: int, seed: int = 0):
     prompts = [[2] + [rng.randrange(4, vocab) for _ in range(rng.randrange(0, 9))] for _ in range(n)]
     responses = [[rng.randrange(4, vocab) for _ in range(rng.randrange(0, 8))] for _ in range(n)]
     responses[3] = []  # a response with no tokens: empty arrays
-    prompts[5] = [2] + [rng.randrange(4, vocab) for _ in range(30)]  # longer than a pass: scored alone
+    prompts[5] = [2] + [rng.randrange(4, vocab) for _ in range(30)]  # the longest: a row of its own
     return prompts, responses
 
 
-def test_pack_groups_consecutive_sequences_within_the_budget():
-    assert engines.pack([3, 4, 2, 9, 1, 1], 7) == [[0, 1], [2], [3], [4, 5]]
+def test_pack_fills_rows_first_fit_longest_first():
+    assert engines.pack([3, 4, 2, 9, 1, 1], 7) == [[3], [1, 0], [2, 4, 5]]
     assert engines.pack([], 7) == []
     assert engines.pack([7, 7], 7) == [[0], [1]]
 
 
 @pytest.mark.parametrize("config", [_llama, _qwen3], ids=["llama", "qwen3"])
 def test_packed_chunked_scores_equal_padded_full_logits(config, tmp_path):
-    """Small passes (several sequences each, one sequence alone) and chunks that straddle sequences give the
-    padded [B, L, V] path's values: attention stays within each sequence and every position is scored."""
+    """Passes of two rows, rows of several sequences (one alone), filler tails, and chunks that straddle sequences
+    give the padded [B, L, V] path's values: attention stays within each sequence and every position is scored."""
     vocab, k = 97, 5
     save_random_model(config(vocab), tmp_path / "model")
     prompts, responses = _sequences(vocab, 12)
-    engine = engines.HFEngine(tmp_path / "model", EngineConfig(batch_size=4, score_pass_tokens=24,
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    engine = engines.HFEngine(tmp_path / "model", EngineConfig(batch_size=4, score_pass_tokens=2 * max(lengths),
                                                                score_chunk_tokens=3))
-    assert any(len(g) > 2 for g in engines.pack([len(p) + len(r) for p, r in zip(prompts, responses)], 24))
+    rows = engines.pack(lengths, max(lengths))
+    assert len(rows) > 2 and rows[0] == [5] and max(len(row) for row in rows) > 2
     got = engine.score(prompts, responses, k)
     want = padded_score(engine, prompts, responses, k)
     assert len(got) == len(want) == len(prompts)
@@ -74,7 +76,7 @@ def test_bfloat16_scores_are_close_to_the_padded_path(tmp_path):
     vocab = 97
     save_random_model(_llama(vocab, tie_word_embeddings=True), tmp_path / "model")
     prompts, responses = _sequences(vocab, 8, seed=1)
-    engine = engines.HFEngine(tmp_path / "model", EngineConfig(dtype="bfloat16", score_pass_tokens=32,
+    engine = engines.HFEngine(tmp_path / "model", EngineConfig(dtype="bfloat16", score_pass_tokens=64,
                                                                score_chunk_tokens=4))
     got = np.concatenate([s.token_logprobs for s in engine.score(prompts, responses, 3)])
     want = np.concatenate([s.token_logprobs for s in padded_score(engine, prompts, responses, 3)])
@@ -83,35 +85,25 @@ def test_bfloat16_scores_are_close_to_the_padded_path(tmp_path):
 
 
 PEAK_SCRIPT = """
-import json, resource, sys
+import json, sys
+from bench.engines import peak_during
 from pipeline import engines
 from pipeline.config import EngineConfig
-
-def rss_kib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
 
 model_dir, pass_tokens, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 engine = engines.HFEngine(model_dir, EngineConfig(score_pass_tokens=pass_tokens, score_chunk_tokens=chunk))
 prompts = [[2] + list(range(4, 19)) for _ in range(2)]
 responses = [[4 + (7 * i + s) % 150_000 for i in range(2048 - 16)] for s in range(2)]
 engine.score(prompts[:1], [responses[0][:8]], 64)  # warm-up: allocator, lazy imports
-before = rss_kib("VmRSS")
-try:  # reset the peak (VmHWM) to the current RSS, Linux >= 4.0; if refused, the peak since start bounds it above
-    open("/proc/self/clear_refs", "w").write("5")
-except OSError:
-    pass
-scores = engine.score(prompts, responses, 64)
-print("RESULT " + json.dumps({"peak_over_rss_mib": (rss_kib("VmHWM") - before) / 1024,
-                              "rows": [len(s.token_logprobs) for s in scores],
+scores, peak = peak_during(lambda: engine.score(prompts, responses, 64))
+print("RESULT " + json.dumps({"peak_over_rss_mib": peak, "rows": [len(s.token_logprobs) for s in scores],
                               "finite": all(bool(abs(s.token_logprobs).max() < 1e9) for s in scores)}))
 """
 
 
 def test_scoring_a_qwen_sized_vocabulary_stays_within_the_chunk_bound(tmp_path):
-    """V = 151,936, two 2,048-token sequences in one pass, k = 64: the peak RSS while scoring (a fresh
-    process; Linux's VmHWM reset before scoring) stays under 600 MiB (measured: 300; 2,406 with 2,048-token
+    """V = 151,936, two 2,048-token sequences in one pass of two rows, k = 64: the peak RSS while scoring (a fresh
+    process; Linux's VmHWM reset before scoring) stays under 600 MiB (measured: 299; 2,374 with 2,048-token
     chunks). The padded path's logits alone would be
     2 x 2,048 x V float32 = 2,374 MiB, and one sequence's float32 log-softmax another 1,187 MiB; the chunked
     path holds about 3 x 256 x V x 4 bytes = 445 MiB of logits at once, plus the pass's activations."""
