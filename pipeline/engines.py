@@ -365,12 +365,13 @@ class ServerEngine:
                     return json.load(reply)
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
-                    raise ValueError(f"{self.url}{path}: HTTP {e.code}: {e.read()[:1000].decode(errors='replace')}") from e
+                    answer = e.read()[:1000].decode(errors="replace")
+                    raise ValueError(f"{self.url}{path}: HTTP {e.code}: {answer}") from e
                 error: Exception = e
             except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
                 error = e
-        raise ConnectionError(f"{self.url}{path}: no answer after {self.cfg.retries + 1} attempts ({error}). Fix: start "
-                              f"the server or correct engine.url; a rerun keeps the shards already written")
+        raise ConnectionError(f"{self.url}{path}: no answer after {self.cfg.retries + 1} attempts ({error}). "
+                              f"Fix: start the server or correct engine.url; a rerun keeps the shards already written")
 
 
 def request_seed(seed: int, prompt_index: int) -> int:
@@ -408,15 +409,18 @@ def scores_from_flat_prompt_logprobs(prompt_logprobs, token_ids, prompt_len: int
     expected = first + width * np.arange(n)
     if not (np.array_equal(starts, expected) and np.array_equal(ends, expected + width)):
         bad = prompt_len + int(np.flatnonzero((starts != expected) | (ends != expected + width))[0])
-        raise ValueError(f"position {bad}: vLLM gave {prompt_logprobs.end_indices[bad] - prompt_logprobs.start_indices[bad]}"
-                         f" entries, expected the actual token and the top-{k} ({width})")
+        given = prompt_logprobs.end_indices[bad] - prompt_logprobs.start_indices[bad]
+        raise ValueError(f"position {bad}: vLLM gave {given} entries, "
+                         f"expected the actual token and the top-{k} ({width})")
     ids = np.asarray(prompt_logprobs.token_ids[first : first + n * width], dtype=np.int64).reshape(n, width)
     logprobs = np.asarray(prompt_logprobs.logprobs[first : first + n * width], dtype=np.float32).reshape(n, width)
     wrong = np.flatnonzero(ids[:, 0] != np.asarray(token_ids[prompt_len:], dtype=np.int64))
     if len(wrong):
         t = prompt_len + int(wrong[0])
-        raise ValueError(f"position {t}: vLLM's first entry is token {ids[wrong[0], 0]}, expected the actual token {token_ids[t]}")
-    return Scores(np.ascontiguousarray(logprobs[:, 0]), ids[:, 1:].astype(np.int32), np.ascontiguousarray(logprobs[:, 1:]))
+        raise ValueError(f"position {t}: vLLM's first entry is token {ids[wrong[0], 0]}, "
+                         f"expected the actual token {token_ids[t]}")
+    return Scores(np.ascontiguousarray(logprobs[:, 0]), ids[:, 1:].astype(np.int32),
+                  np.ascontiguousarray(logprobs[:, 1:]))
 
 
 def scores_from_json_prompt_logprobs(positions, token_ids, prompt_len: int, k: int) -> Scores:

