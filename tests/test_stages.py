@@ -295,7 +295,7 @@ def test_opd_refuses_a_cache_of_other_rollouts(run_copy):
     first = shards.shard_path(run_copy / "data/rollouts", 0)
     table = pq.read_table(first)
     first.unlink()
-    pq.write_table(table.slice(1), first)  # other rollouts under the same name
+    shards.write_parquet(table.slice(1), first)  # other rollouts under the same name
     with pytest.raises(SchemaError, match="other rollouts"):
         opd.run(section("opd"), run_copy / "models/sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache", run_copy / "models/opd2")
 
