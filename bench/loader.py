@@ -158,7 +158,8 @@ def main() -> None:
         print(f"{label:<42}{seconds:>8.2f} s {tokens / seconds:>12,.0f} tokens/s  "
               f"{seconds / len(batches) / step_s:>6.1%} of a step per batch")
     print(f"{'toy student training step':<42}{step_s * 1e3:>8.1f} ms per batch")
-    print(f"\nverifying the {costs['bytes'] / 2**20:.1f} MiB cache ({costs['read_shard']:.3f} s to read_shard every shard):")
+    print(f"\nverifying the {costs['bytes'] / 2**20:.1f} MiB cache "
+          f"({costs['read_shard']:.3f} s to read_shard every shard):")
     for label, key in (("CRC-32 of the whole file (chosen)", "crc32"), ("sha256 of the whole file", "sha256"),
                        ("Parquet page checksums (footer unchecked)", "page checksums")):
         print(f"{label:<42}{costs[key]:>8.3f} s {costs[key] / costs['read_shard']:>7.1%} of the read")

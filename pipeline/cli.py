@@ -92,6 +92,7 @@ def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bo
     args.stage, args.started = _stage_name(doc), time.perf_counter()
     _report_user_errors(args.stage)
     args.params = Params(args.params, tuple(args.overrides))
+    _check_overrides(args.stage, args.overrides)
     if sharded:
         args.worker = (args.shard, args.num_shards)
     return args
@@ -107,6 +108,31 @@ def stage_sections(doc: str) -> list[str]:
         return []
     stage = yaml.safe_load(dvc_yaml.read_text())["stages"].get(name, {})
     return [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
+
+
+def sections_read(stage: str) -> set[str]:
+    """The params sections stage `stage`'s code loads (its `load_section("<name>", ...)` calls)."""
+    found = set()
+    for node in ast.walk(ast.parse((ROOT / "stages" / f"{stage}.py").read_text())):
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "load_section"
+                and node.args and isinstance(node.args[0], ast.Constant)):
+            found.add(node.args[0].value)
+    return found
+
+
+def _check_overrides(stage: str | None, overrides: list[str]) -> None:
+    """Refuse `--set` of a section the stage does not read: it would change nothing, silently."""
+    from pipeline.config import SECTIONS, ConfigError
+
+    if not stage:
+        return
+    read = sections_read(stage)
+    for override in overrides:
+        section = override.partition("=")[0].split(".")[0].strip()
+        if section in SECTIONS and section not in read:
+            raise ConfigError(f"--set {override!r}: the {stage} stage does not read the {section} section "
+                              f"(it reads {', '.join(sorted(read))}), so this would change nothing. "
+                              f"Fix: pass it to the stage that reads {section}, or drop it")
 
 
 def _stage_name(doc: str) -> str | None:

@@ -178,6 +178,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive(self, "steps", "batch_size", "lr", "accumulate_grad_batches", "devices", "num_nodes")
+        for name in ("warmup_steps", "grad_clip", "weight_decay", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         if self.loss_chunk_tokens < 0:
             raise ConfigError(f"loss_chunk_tokens must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
         if "fsdp" in self.strategy.lower() and self.loss_chunk_tokens:
@@ -489,7 +492,18 @@ def load_params(path: str | Path | Params = "params.yaml") -> dict:
     source = path if isinstance(path, Params) else Params(Path(path))
     if not source.path.exists():
         raise ConfigError(f"{source.path}: params file not found (run from the project root or pass --params)")
-    params = yaml.safe_load(source.path.read_text()) or {}
+    try:
+        params = yaml.safe_load(source.path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{source.path}: not valid YAML{where}: {problem}. Fix: correct the YAML there") from error
+    if not isinstance(params, dict):
+        found = "empty" if params is None else f"a YAML {type(params).__name__}"
+        raise ConfigError(f"{source.path}: is {found}, but a params file must be a mapping of sections, e.g. "
+                          f"`opd: {{lr: 0.001}}`. Fix: start from the repository's params.yaml (write `{{}}` to run "
+                          f"every default)")
     for override in source.overrides:
         apply_override(params, override)
     unknown = sorted(set(params) - set(SECTIONS))

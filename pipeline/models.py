@@ -17,16 +17,27 @@ MANIFEST = "manifest.json"
 """File the models stage writes: where each role's model lives and its provenance."""
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local model directory for a path or a hub id (downloaded into the HF cache if needed)."""
+def resolve_model_dir(name_or_path: str, key: str = "models.teacher/student") -> Path:
+    """A local model directory for a path or a hub id (downloaded into the HF cache if needed); `key` is
+    the params key that named it, for the error."""
+    from pipeline.config import ConfigError
+
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    if path.is_absolute() or name_or_path.startswith("."):
-        raise FileNotFoundError(f"model directory {path} does not exist")
+    fix = f"Fix: set {key} to an existing model directory or a hub model id (namespace/name)"
+    # A path whose parent directory exists, or with more parts than a hub id has, is a local path.
+    local = path.is_absolute() or name_or_path.startswith(".") or len(path.parts) > 2
+    if local or (len(path.parts) == 2 and path.parent.is_dir()):
+        raise ConfigError(f"{key}: model directory {path} does not exist (looked in {Path.cwd()}). {fix}")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(name_or_path))
+    try:
+        return Path(snapshot_download(name_or_path))
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{key}: {name_or_path!r} is no local directory (looked in {Path.cwd()}) and the hub "
+                          f"lookup failed ({first_line}). {fix}") from error
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -39,7 +50,8 @@ def weights_hash(model_dir: Path) -> str:
     """sha256 over the weight files: identifies a teacher exactly, whatever its name."""
     files = [p for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES]
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)}). Fix: point the "
+                                f"models key at a directory written by save_pretrained, weights included")
     return _hash_files(files)
 
 

@@ -240,7 +240,8 @@ def write_shard(directory, index: int, table: pa.Table, artefact, provenance: di
 
 
 def shard_is_complete(path) -> bool:
-    """True if `path` exists, its checksum matches and its Parquet footer reads; False if missing, truncated or corrupt."""
+    """True if `path` exists, its checksum matches and its Parquet footer reads; False if missing, truncated or
+    corrupt."""
     try:
         data = Path(path).read_bytes()
         if _checksum_problem(data) is None:
@@ -357,7 +358,8 @@ def read_shards(directory, artefact) -> tuple[pa.Table, dict]:
 
 
 def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artefact, provenance,
-                worker: tuple[int, int] = (0, 1), replace_stale: bool = False, **schema_kw) -> int:
+                worker: tuple[int, int] = (0, 1), replace_stale: bool = False, can_replace: bool = True,
+                **schema_kw) -> int:
     """Write every missing shard of `directory`: shard i holds rows [i*rows_per_shard, ...) made by
     `make_table(i, row_slice)`. `provenance` is a dict, or a function of the shard index.
 
@@ -367,6 +369,7 @@ def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artef
     provenance, so a changed config or input never mixes with stale shards: those are refused, or
     with `replace_stale` deleted and recomputed (what `dvc repro` wants: it reruns a stage exactly
     when its inputs changed, and keeps the outputs in place so that a crashed run can resume).
+    `can_replace`: False for a stage without --replace-stale, so the refusal does not recommend it.
     Returns the number of shards written now.
     """
     directory = Path(directory)
@@ -384,12 +387,9 @@ def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artef
             continue  # corrupt: never kept; pending_shards reports and deletes it
         if index >= num_shards or found != json.loads(json.dumps(provenance_of(index))):
             if not replace_stale:
-                raise SchemaError(
-                    f"{path} was written with another configuration or input than this run's. "
-                    f"Fix: delete {directory}, or rerun with --replace-stale (`dvc repro` passes it), "
-                    f"then rerun {artefact.PRODUCED_BY}.",
-                    path,
-                )
+                flag = ", or rerun with --replace-stale (`dvc repro` passes it)," if can_replace else ""
+                raise SchemaError(f"{path} was written with another configuration or input than this run's. "
+                                  f"Fix: delete {directory}{flag} then rerun {artefact.PRODUCED_BY}.", path)
             if index >= num_shards:  # no replacement will come
                 log.warning("%s is beyond this run's %d shards; deleting it (--replace-stale)", path, num_shards)
                 path.unlink()

@@ -41,13 +41,13 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
         models.save_model(teacher, tokenizer, out / "teacher")
         manifest["teacher"] = {**models.describe("toy-teacher", out / "teacher"), "path": "teacher"}
     else:
-        manifest["teacher"] = models.describe(cfg.teacher, models.resolve_model_dir(cfg.teacher))
+        manifest["teacher"] = models.describe(cfg.teacher, models.resolve_model_dir(cfg.teacher, "models.teacher"))
     if cfg.student == "toy":
         student = models.build_toy_model(cfg.toy_student, tokenizer, cfg.seed + 1)
         models.save_model(student, tokenizer, out / "student")
         manifest["student"] = {**models.describe("toy-student", out / "student"), "path": "student"}
     else:
-        manifest["student"] = models.describe(cfg.student, models.resolve_model_dir(cfg.student))
+        manifest["student"] = models.describe(cfg.student, models.resolve_model_dir(cfg.student, "models.student"))
     (out / models.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("teacher %s, student %s -> %s", manifest["teacher"]["id"], manifest["student"]["id"], out)
     return manifest
