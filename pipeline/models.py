@@ -72,6 +72,13 @@ def describe(model_id: str, model_dir: Path) -> dict:
     }
 
 
+def model_config(model_dir):
+    """The transformers config of a local model directory (vocab_size, max_position_embeddings, ...)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir))
+
+
 def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
 

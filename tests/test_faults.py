@@ -13,7 +13,7 @@ import yaml
 
 from data_schemas import SchemaError
 from pipeline import cli, shards
-from tests.conftest import TINY_PARAMS
+from tests.conftest import TINY_PARAMS, section
 
 
 def snapshot(root) -> dict:
@@ -235,3 +235,80 @@ def test_debug_switch_keeps_the_traceback(run_copy, monkeypatch):
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(SchemaError, match="truncated or corrupt"):  # raised, not reduced to one line
         cli.main(["inspect", str(run_copy / "data/teacher_cache")])
+
+
+# -- what the pipeline's own stages would get wrong -----------------------------------------------------
+
+def teacher_logprobs_argv(run, models_dir=None, *overrides: str) -> list[str]:
+    return ["teacher_logprobs", "--params", str(TINY_PARAMS), "--models", str(models_dir or run / "models/base"),
+            "--rollouts", str(run / "data/rollouts"), "--out", str(run / "data/teacher_cache"), "--replace-stale",
+            *[arg for override in overrides for arg in ("--set", override)]]
+
+
+def test_top_k_above_the_vocabulary_is_refused_before_any_shard_is_replaced(run_copy, capsys):
+    before = snapshot(run_copy)
+    refused(capsys, teacher_logprobs_argv(run_copy, None, "teacher_logprobs.top_k=100"),
+            "teacher_logprobs.top_k is 100", "vocabulary of 17 tokens", "Fix: set teacher_logprobs.top_k to at most 17")
+    assert snapshot(run_copy) == before  # --replace-stale deleted nothing
+
+
+def small_vocab_model(source, out, vocab: int):
+    """A real copy of the model at `source` whose embeddings cover only the first `vocab` token ids."""
+    from pipeline import models
+
+    model = models.load_model(source, device="cpu")
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    models.save_model(model, models.load_tokenizer(source), out)
+
+
+def test_a_student_with_a_smaller_vocabulary_is_refused_at_scoring_and_at_opd(run_copy, tmp_path, capsys):
+    from pipeline import models
+
+    base = tmp_path / "base"
+    shutil.copytree(run_copy / "models/base", base)
+    shutil.rmtree(base / "student")
+    small_vocab_model(run_copy / "models/base/student", base / "student", 8)
+    manifest = json.loads((base / models.MANIFEST).read_text())
+    manifest["student"]["path"] = "student"
+    (base / models.MANIFEST).write_text(json.dumps(manifest))
+    before = snapshot(run_copy)
+    refused(capsys, teacher_logprobs_argv(run_copy, base, "teacher_logprobs.top_k=5"),
+            "column 'teacher_topk_ids', row", "below the student's vocabulary size 8", "Fix: use a teacher and a student")
+    assert snapshot(run_copy) == before  # the stale shards are kept until a replacement is written
+
+    from stages import opd
+
+    small_vocab_model(run_copy / "models/sft", tmp_path / "sft", 8)
+    shutil.copy(run_copy / "models/sft" / models.PROVENANCE, tmp_path / "sft")
+    with pytest.raises(SchemaError, match=r"teacher_topk_ids', row \d+: expected ids below the student's vocabulary"):
+        opd.run(section("opd"), tmp_path / "sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache",
+                tmp_path / "opd")
+    assert not (tmp_path / "opd").exists()
+
+
+def test_cache_shards_of_another_k_are_refused(run_copy, tmp_path):
+    from stages import teacher_logprobs
+    from stages.opd import open_cache
+
+    cfg = section("teacher_logprobs")
+    cfg.top_k = 3
+    cache = run_copy / "data/teacher_cache"
+    count = len(shards.list_shards(cache))
+    teacher_logprobs.run(cfg, section("engine"), run_copy / "models/base", run_copy / "data/rollouts", tmp_path / "k3",
+                         worker=(1, count))
+    shutil.copy(shards.shard_path(tmp_path / "k3", 1), shards.shard_path(cache, 1))  # same rollouts, another k
+    with pytest.raises(SchemaError, match=r"part-00001\.parquet holds top-k 3 .* holds 4: the shards come from "
+                                          r"different runs\. Fix: delete"):
+        open_cache(run_copy / "data/rollouts", cache)
+
+
+def test_a_prompt_longer_than_the_policy_is_refused_naming_it(run_copy, tmp_path, capsys):
+    rows = [json.dumps({"prompt": "1" * 600 + f"={i}"}).encode() for i in range(4)]
+    source = write_jsonl(tmp_path / "long.jsonl", rows)
+    prompts_dir = tmp_path / "prompts"
+    cli.main(["prompts", "--params", source_params(tmp_path, source), "--out", str(prompts_dir)])
+    before = snapshot(run_copy)
+    refused(capsys, ["rollouts", "--params", str(TINY_PARAMS), "--policy", str(run_copy / "models/sft"),
+                     "--prompts", str(prompts_dir), "--out", str(run_copy / "data/rollouts"), "--replace-stale"],
+            str(prompts_dir), "prompt_id", "exceeds the policy's 512 positions", "Fix: set prompts.max_prompt_tokens")
+    assert snapshot(run_copy) == before

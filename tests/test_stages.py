@@ -327,8 +327,8 @@ def test_models_stage_records_real_models_by_path(tiny_run, tmp_path):
 
 
 def test_missing_local_model_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
-        models.resolve_model_dir(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="models.teacher: model directory .*nope does not exist.*Fix: set models.teacher"):
+        models.resolve_model_dir(str(tmp_path / "nope"), "models.teacher")
 
 
 @pytest.mark.parametrize("num_workers", [2, 3])
