@@ -424,7 +424,8 @@ def from_dict(cls, data: dict | None, where: str):
     """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, found {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of keys, found {type(data).__name__}. "
+                          f"Fix: write it as `key: value` lines under it (or {{key: value}})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

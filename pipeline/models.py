@@ -47,11 +47,22 @@ def _hash_files(paths: list[Path]) -> str:
 
 
 def weights_hash(model_dir: Path) -> str:
-    """sha256 over the weight files: identifies a teacher exactly, whatever its name."""
+    """sha256 over the weight files: identifies a teacher exactly, whatever its name. A safetensors file
+    whose header does not cover it (truncated, a partial copy) is refused here, before any stage loads it."""
+    from safetensors import SafetensorError, safe_open
+
     files = [p for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES]
     if not files:
         raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)}). Fix: point the "
                                 f"models key at a directory written by save_pretrained, weights included")
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), "pt"):
+                    pass
+            except SafetensorError as error:
+                raise FileNotFoundError(f"{path}: not a complete safetensors file ({error}). Fix: copy or "
+                                        f"download the model again") from error
     return _hash_files(files)
 
 

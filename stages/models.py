@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from pipeline import cli, data, models, toy_task, training
-from pipeline.config import ModelsConfig, TaskConfig, load_section
+from pipeline.config import ConfigError, ModelsConfig, TaskConfig, load_section
 from stages.prompts import read_chat, read_split
 
 log = logging.getLogger("models")
@@ -48,6 +48,12 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
         manifest["student"] = {**models.describe("toy-student", out / "student"), "path": "student"}
     else:
         manifest["student"] = models.describe(cfg.student, models.resolve_model_dir(cfg.student, "models.student"))
+    teacher, student = manifest["teacher"], manifest["student"]
+    teacher_tok, student_tok = teacher["tokenizer_sha256"], student["tokenizer_sha256"]
+    if teacher_tok != student_tok:  # checked here, before any stage runs either model
+        raise ConfigError(f"models.teacher ({teacher['id']}) and models.student ({student['id']}) map tokens to different ids (tokenizers {teacher_tok[:12]} and {student_tok[:12]}), so the "
+                          f"teacher's top-k ids would mean other tokens to the student. Fix: pick a teacher and a "
+                          f"student of one tokenizer family")
     (out / models.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("teacher %s, student %s -> %s", manifest["teacher"]["id"], manifest["student"]["id"], out)
     return manifest

@@ -192,6 +192,33 @@ def test_teacher_directory_without_weights(run_copy, tmp_path, capsys):
     assert snapshot(run_copy) == before
 
 
+def test_truncated_teacher_weights(run_copy, tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(run_copy / "models/base/teacher", teacher)
+    weights = next(teacher.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    before = snapshot(run_copy)
+    refused(capsys, models_argv(tmp_path, run_copy, str(teacher)), str(weights), "not a complete safetensors file",
+            "Fix: copy or download the model again")
+    assert snapshot(run_copy) == before
+
+
+def test_a_teacher_with_another_tokenizer(run_copy, tmp_path, capsys):
+    from pipeline import models
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(run_copy / "models/base/teacher", teacher)
+    tokenizer = models.load_tokenizer(teacher)
+    tokenizer.add_tokens(["<extra>"])  # one more token: another token-to-id mapping
+    tokenizer.save_pretrained(teacher)
+    argv = models_argv(tmp_path, run_copy, str(teacher))
+    argv[argv.index("--out") + 1] = str(tmp_path / "base")
+    before = snapshot(run_copy)
+    refused(capsys, argv, "models.teacher", "models.student (toy-student) map tokens to different ids",
+            "Fix: pick a teacher and a student of one tokenizer family")
+    assert snapshot(run_copy) == before and not (tmp_path / "base" / models.MANIFEST).exists()
+
+
 # -- caches -------------------------------------------------------------------------------------------
 
 def cache_fault(run, name: str) -> None:
