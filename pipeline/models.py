@@ -90,6 +90,23 @@ def model_config(model_dir):
     return AutoConfig.from_pretrained(str(model_dir))
 
 
+def check_prompt_lengths(prompts: list[dict], encoded: list[list[int]], key: str, max_new_tokens: int, model_dir,
+                         prompts_dir) -> None:
+    """Refuse, before any shard is sampled or replaced, a prompt that with `max_new_tokens` (params `key`) does
+    not fit the model's positions: it would fail deep in the engine, or allocate for a sequence the model
+    cannot attend over."""
+    from pipeline.config import ConfigError
+
+    limit = getattr(model_config(model_dir), "max_position_embeddings", None)
+    for row, (prompt, ids) in enumerate(zip(prompts, encoded)):
+        if limit and len(ids) + max_new_tokens > limit:
+            raise ConfigError(
+                f"{prompts_dir}: prompt {row} of the split (prompt_id {prompt['prompt_id']!r}) has {len(ids)} tokens; "
+                f"with {key} {max_new_tokens} that exceeds the {limit} positions of {model_dir}. Fix: set "
+                f"prompts.max_prompt_tokens to at most {limit - max_new_tokens} (the prompts stage then drops longer "
+                f"prompts) or lower {key}")
+
+
 def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
 

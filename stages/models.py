@@ -51,9 +51,10 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
     teacher, student = manifest["teacher"], manifest["student"]
     teacher_tok, student_tok = teacher["tokenizer_sha256"], student["tokenizer_sha256"]
     if teacher_tok != student_tok:  # checked here, before any stage runs either model
-        raise ConfigError(f"models.teacher ({teacher['id']}) and models.student ({student['id']}) map tokens to different ids (tokenizers {teacher_tok[:12]} and {student_tok[:12]}), so the "
-                          f"teacher's top-k ids would mean other tokens to the student. Fix: pick a teacher and a "
-                          f"student of one tokenizer family")
+        raise ConfigError(f"models.teacher ({teacher['id']}) and models.student ({student['id']}) map tokens to "
+                          f"different ids (tokenizers {teacher_tok[:12]} and {student_tok[:12]}), so the teacher's "
+                          f"top-k ids would mean other tokens to the student. Fix: pick a teacher and a student of "
+                          f"one tokenizer family")
     (out / models.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("teacher %s, student %s -> %s", manifest["teacher"]["id"], manifest["student"]["id"], out)
     return manifest

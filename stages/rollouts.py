@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from data_schemas import rollouts as rollouts_schema
 from pipeline import cli, engines, models, shards
-from pipeline.config import ConfigError, EngineConfig, SamplingConfig, load_section
+from pipeline.config import EngineConfig, SamplingConfig, load_section
 from stages.prompts import prompts_sha256, read_chat, read_split
 
 log = logging.getLogger("rollouts")
@@ -25,21 +25,6 @@ log = logging.getLogger("rollouts")
 
 SEED_STRIDE = 1_000_000
 """Shard i of round r samples with seed `rollouts.seed + r * SEED_STRIDE + i`: rounds never share a seed."""
-
-
-def _check_lengths(prompts: list[dict], encoded: list[list[int]], max_new_tokens: int, config, prompts_dir):
-    """Refuse, before any shard is sampled or replaced, a prompt that with max_new_tokens does not fit the
-    policy's positions (it would fail deep in the engine, or allocate for a sequence it cannot attend over)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if not limit:
-        return
-    for row, (prompt, ids) in enumerate(zip(prompts, encoded)):
-        if len(ids) + max_new_tokens > limit:
-            raise ConfigError(
-                f"{prompts_dir}: opd prompt {row} (prompt_id {prompt['prompt_id']!r}) has {len(ids)} tokens; with "
-                f"rollouts.max_new_tokens {max_new_tokens} that exceeds the policy's {limit} positions. Fix: set "
-                f"prompts.max_prompt_tokens to at most {limit - max_new_tokens} (the prompts stage then drops longer "
-                f"prompts) or lower rollouts.max_new_tokens")
 
 
 def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts_dir: Path, out: Path,
@@ -62,7 +47,8 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
     }
 
     encoded = [models.encode_prompt(tokenizer, r["prompt"], chat) for r in prompts]
-    _check_lengths(prompts, encoded, cfg.max_new_tokens, models.model_config(policy_dir), prompts_dir)
+    models.check_prompt_lengths(prompts, encoded, "rollouts.max_new_tokens", cfg.max_new_tokens, policy_dir,
+                                prompts_dir)
 
     def make_table(index: int, rows: slice) -> pa.Table:
         nonlocal engine

@@ -337,5 +337,9 @@ def test_a_prompt_longer_than_the_policy_is_refused_naming_it(run_copy, tmp_path
     before = snapshot(run_copy)
     refused(capsys, ["rollouts", "--params", str(TINY_PARAMS), "--policy", str(run_copy / "models/sft"),
                      "--prompts", str(prompts_dir), "--out", str(run_copy / "data/rollouts"), "--replace-stale"],
-            str(prompts_dir), "prompt_id", "exceeds the policy's 512 positions", "Fix: set prompts.max_prompt_tokens")
+            str(prompts_dir), "prompt_id", "with rollouts.max_new_tokens 8 that exceeds the 512 positions",
+            "Fix: set prompts.max_prompt_tokens to at most 504")
+    refused(capsys, ["sft_data", "--params", str(TINY_PARAMS), "--models", str(run_copy / "models/base"),
+                     "--prompts", str(prompts_dir), "--out", str(run_copy / "data/sft"), "--replace-stale"],
+            str(prompts_dir), "with sft_data.max_new_tokens 8 that exceeds the 512 positions")
     assert snapshot(run_copy) == before
