@@ -6,10 +6,10 @@ shard is never rewritten. So a crash leaves finished shards plus at most some te
 rerun recomputes just the shards that `pending_shards` reports.
 
 Every shard carries a CRC-32 of all its bytes (data and dictionary pages, footer, magic) in its
-footer, and every read checks it first, so a flipped bit or a partial copy is
-refused with the file named instead of training on it. bench/loader.py measured the options on the
-teacher cache: CRC-32 of the whole file costs ~3% of a shard's read, sha256 ~7-13% (so not it), and
-Parquet's own page checksums cost nothing measurable but leave the footer unchecked.
+footer, and every read checks it first, so a flipped bit or a partial copy is refused with the file
+named instead of training on it. bench/loader.py measured the options on the teacher cache: CRC-32 of
+the whole file costs 2-3% of a shard's read, sha256 ~11% (over the 5% budget), and Parquet's own page
+checksums cost nothing measurable but leave the footer unchecked.
 """
 
 from __future__ import annotations
@@ -367,8 +367,10 @@ def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artef
     processes (nodes, a Slurm array) fill one directory together; their union is a one-worker run.
     Finished shards are kept (resume after a crash), but only if they were written with the same
     provenance, so a changed config or input never mixes with stale shards: those are refused, or
-    with `replace_stale` deleted and recomputed (what `dvc repro` wants: it reruns a stage exactly
-    when its inputs changed, and keeps the outputs in place so that a crashed run can resume).
+    with `replace_stale` recomputed, each swapped for its replacement only once that is written, so a
+    run that fails keeps it (what `dvc repro` wants: it reruns a stage exactly when its inputs changed,
+    and keeps the outputs in place so that a crashed run can resume). A shard that fails its checksum
+    is never kept: it is deleted with a warning and recomputed.
     `can_replace`: False for a stage without --replace-stale, so the refusal does not recommend it.
     Returns the number of shards written now.
     """
@@ -382,9 +384,10 @@ def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artef
     for path in list_shards(directory):
         index = int(_SHARD_NAME.match(path.name).group(1))
         try:
-            found = _provenance(checked_schema(path, artefact), artefact, path)
+            schema = checked_schema(path, artefact)
         except SchemaError:
             continue  # corrupt: never kept; pending_shards reports and deletes it
+        found = _provenance(schema, artefact, path)
         if index >= num_shards or found != json.loads(json.dumps(provenance_of(index))):
             if not replace_stale:
                 flag = ", or rerun with --replace-stale (`dvc repro` passes it)," if can_replace else ""
