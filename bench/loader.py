@@ -10,12 +10,16 @@ and log-probs; the sizes, not the values, set the cost), then times on one core
 - epochs: iterating the real OPD DataModule (pipeline/data.py: shards streamed, batches collated), the
   first epoch reading each shard, later ones finding them in memory; in response tokens per second;
 - step: one training step of the default toy student (forward, top-k forward KL, backward, AdamW)
-  on the same batches, for the ratio "loader time per batch / step time".
+  on the same batches, for the ratio "loader time per batch / step time";
+- checksums: what verifying a cache shard costs against reading it (read_shard, best of 5): the CRC-32
+  of the whole file that pipeline/shards.py checks, a sha256 of it instead, and Parquet's page
+  checksums (written with write_page_checksum, read with page_checksum_verification).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import tempfile
 import time
@@ -58,6 +62,41 @@ def write_synthetic(out: Path, args, vocab: int) -> None:
                            {"rollouts_sha256": shards.file_sha256(path), "k": args.k}, k=args.k)
 
 
+def best_of(function, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def checksum_costs(cache_dir: Path) -> dict[str, float]:
+    """Seconds to read every cache shard, and to verify it each way (see the docstring)."""
+    import pyarrow.parquet as pq
+
+    from data_schemas import teacher_cache
+    from pipeline import shards
+
+    paths = shards.list_shards(cache_dir)
+    with_pages = []
+    for path in paths:  # the same shards with Parquet page checksums, in the same layout
+        table = pq.read_table(path)
+        with_pages.append(path.with_suffix(".pages"))
+        options = shards.write_options(table.schema)
+        pq.write_table(table, with_pages[-1], write_page_checksum=True, **options)
+    unchecked = best_of(lambda: [pq.ParquetFile(p).read() for p in with_pages])
+    checked = best_of(lambda: [pq.ParquetFile(p, page_checksum_verification=True).read() for p in with_pages])
+    return {
+        "read_shard": best_of(lambda: [shards.read_shard(p, teacher_cache) for p in paths]),
+        "crc32": best_of(lambda: [shards.shard_is_complete(p) for p in paths])
+        - best_of(lambda: [pq.read_metadata(p) for p in paths]),
+        "sha256": best_of(lambda: [hashlib.sha256(p.read_bytes()).digest() for p in paths]),
+        "page checksums": checked - unchecked,
+        "bytes": sum(p.stat().st_size for p in paths),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=64)
@@ -89,6 +128,7 @@ def main() -> None:
         start = time.perf_counter()
         list(loader)  # later epochs: shards already in memory (max_shards_in_memory covers all 5 here)
         cached_s = time.perf_counter() - start
+        costs = checksum_costs(Path(tmp) / "cache")
     tokens = sum(int(b["mask"].sum()) for b in batches)
 
     if vocab > len(tokenizer):
@@ -118,6 +158,11 @@ def main() -> None:
         print(f"{label:<42}{seconds:>8.2f} s {tokens / seconds:>12,.0f} tokens/s  "
               f"{seconds / len(batches) / step_s:>6.1%} of a step per batch")
     print(f"{'toy student training step':<42}{step_s * 1e3:>8.1f} ms per batch")
+    print(f"\nverifying the {costs['bytes'] / 2**20:.1f} MiB cache "
+          f"({costs['read_shard']:.3f} s to read_shard every shard):")
+    for label, key in (("CRC-32 of the whole file (chosen)", "crc32"), ("sha256 of the whole file", "sha256"),
+                       ("Parquet page checksums (footer unchecked)", "page checksums")):
+        print(f"{label:<42}{costs[key]:>8.3f} s {costs[key] / costs['read_shard']:>7.1%} of the read")
 
 if __name__ == "__main__":
     main()

@@ -77,6 +77,20 @@ def check_rows(table: pa.Table, path) -> None:
             )
 
 
+def check_ids_below(table: pa.Table, vocab_size: int, path) -> None:
+    """Refuse top-k ids that the student cannot index (the loss would read other tokens' logits)."""
+    ids = table["teacher_topk_ids"].combine_chunks()
+    tokens = ids.flatten()  # one fixed-size list of k ids per response token
+    flat = tokens.flatten()
+    bad = first_true_row(pc.greater_equal(flat, vocab_size))
+    if bad is None:
+        return
+    row = pc.list_parent_indices(ids)[bad // tokens.type.list_size].as_py()
+    raise row_error(path, "teacher_topk_ids", row, f"ids below the student's vocabulary size {vocab_size}",
+                    f"id {flat[bad].as_py()}", "use a teacher and a student of one vocabulary (models.teacher, "
+                    "models.student), then rerun the models stage and the stages after it")
+
+
 def check_aligned(cache: pa.Table, rollouts: pa.Table, cache_path, rollouts_path) -> None:
     """Raise SchemaError at the first row where the cache does not describe the rollout beside it."""
     fix = (

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import importlib
 import logging
+import os
 import re
 import sys
 import time
@@ -90,7 +91,9 @@ def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bo
     args = parser.parse_args(argv)
     progress.quiet_library_bars()
     args.stage, args.started = _stage_name(doc), time.perf_counter()
+    _report_user_errors(args.stage)
     args.params = Params(args.params, tuple(args.overrides))
+    _check_overrides(args.stage, args.overrides)
     if sharded:
         args.worker = (args.shard, args.num_shards)
     return args
@@ -111,6 +114,35 @@ def stage_params(doc: str) -> list[str]:
 def stage_sections(doc: str) -> list[str]:
     """The params sections a stage reads (of its stage_params), in order, each once."""
     return list(dict.fromkeys(p.split(".")[0] for p in stage_params(doc)))
+
+
+def sections_read(stage: str) -> set[str]:
+    """The params sections stage `stage`'s code loads: the `load_section("<name>", ...)` calls of its file and
+    of the stage files it imports (control_data runs sft_data's main, opd the rollouts and scoring code)."""
+    found = set()
+    for path in project_imports(ROOT / "stages" / f"{stage}.py"):
+        if path.parent.name != "stages":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "load_section"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                found.add(node.args[0].value)
+    return found
+
+
+def _check_overrides(stage: str | None, overrides: list[str]) -> None:
+    """Refuse `--set` of a section the stage does not read: it would change nothing, silently."""
+    from pipeline.config import SECTIONS, ConfigError
+
+    if not stage:
+        return
+    read = sections_read(stage)
+    for override in overrides:
+        section = override.partition("=")[0].split(".")[0].strip()
+        if section in SECTIONS and section not in read:
+            raise ConfigError(f"--set {override!r}: the {stage} stage does not read the {section} section "
+                              f"(it reads {', '.join(sorted(read))}), so this would change nothing. "
+                              f"Fix: pass it to the stage that reads {section}, or drop it")
 
 
 def _stage_name(doc: str) -> str | None:
@@ -169,18 +201,59 @@ def format_bytes(size: int) -> str:
         size /= 1024
 
 
+DEBUG_ENV = "OPD_DEBUG"
+"""Set to 1 to get the full traceback of a user error instead of its one line."""
+
+
+def user_error_line(command: str, error: BaseException) -> str | None:
+    """`<command>: error: <message>` if `error` is the user's to fix (bad params, inputs or outputs: the
+    message names the file or key and the fix), None for anything else (a bug: keep its traceback)."""
+    from data_schemas import SchemaError
+    from pipeline.config import ConfigError
+    from pipeline.shards import ShardWriteError
+
+    user_errors = (ConfigError, SchemaError, ShardWriteError, FileNotFoundError, FileExistsError)
+    if os.environ.get(DEBUG_ENV) == "1" or not isinstance(error, user_errors):
+        return None
+    return f"{command}: error: {error}"
+
+
+def _report_user_errors(command: str) -> None:
+    """In a stage run as `python -m stages.<name>` (what dvc.yaml runs), a user error that ends the
+    process prints its one line and exits 2, as `opd <name>` does."""
+    def hook(type_, error, traceback):
+        line = user_error_line(command, error)
+        if line is None:
+            return sys.__excepthook__(type_, error, traceback)
+        print(line, file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+    sys.excepthook = hook
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOLS:
-        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+    command = argv[0] if argv else None
+    if command not in STAGES and command not in TOOLS:
         lines = [f"  {name:<17} {_summary(f'stages.{name}')}" for name in STAGES]
         tools = [f"  {name:<17} {_summary(module)}" for name, module in TOOLS.items()]
         print("usage: opd <stage> [--help] [options]\n\nstages, in pipeline order:\n" + "\n".join(lines)
               + "\n\ntools:\n" + "\n".join(tools))
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    sys.argv[0] = f"opd {argv[0]}"  # argparse names the program after it in usage lines
-    importlib.import_module(f"stages.{argv[0]}").main(argv[1:])
+        if command in ("-h", "--help"):
+            sys.exit(0)
+        problem = "no stage given" if command is None else f"unknown stage {command!r}"
+        print(f"opd: error: {problem}. Fix: name one of the stages or tools listed above, e.g. opd prompts --help",
+              file=sys.stderr)
+        sys.exit(2)
+    sys.argv[0] = f"opd {command}"  # argparse names the program after it in usage lines
+    try:
+        importlib.import_module(TOOLS.get(command) or f"stages.{command}").main(argv[1:])
+    except Exception as error:
+        line = user_error_line(command, error)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def _summary(module: str) -> str:

@@ -194,6 +194,9 @@ class TrainConfig:
         _positive(self, "steps", "batch_size", "lr", "accumulate_grad_batches", "devices", "num_nodes")
         if self.pack_tokens < 0:
             raise ConfigError(f"pack_tokens must be >= 0 (0: padded batches), got {self.pack_tokens}")
+        for name in ("warmup_steps", "grad_clip", "weight_decay", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         if self.loss_chunk_tokens < 0:
             raise ConfigError(f"loss_chunk_tokens must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
         if "fsdp" in self.strategy.lower() and self.strategy != "fsdp":
@@ -485,7 +488,8 @@ def from_dict(cls, data: dict | None, where: str):
     """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, found {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of keys, found {type(data).__name__}. "
+                          f"Fix: write it as `key: value` lines under it (or {{key: value}})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -553,7 +557,18 @@ def load_params(path: str | Path | Params = "params.yaml") -> dict:
     source = path if isinstance(path, Params) else Params(Path(path))
     if not source.path.exists():
         raise ConfigError(f"{source.path}: params file not found (run from the project root or pass --params)")
-    params = yaml.safe_load(source.path.read_text()) or {}
+    try:
+        params = yaml.safe_load(source.path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{source.path}: not valid YAML{where}: {problem}. Fix: correct the YAML there") from error
+    if not isinstance(params, dict):
+        found = "empty" if params is None else f"a YAML {type(params).__name__}"
+        raise ConfigError(f"{source.path}: is {found}, but a params file must be a mapping of sections, e.g. "
+                          f"`opd: {{lr: 0.001}}`. Fix: start from the repository's params.yaml (write `{{}}` to run "
+                          f"every default)")
     for override in source.overrides:
         apply_override(params, override)
     unknown = sorted(set(params) - set(SECTIONS))

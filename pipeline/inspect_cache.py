@@ -2,7 +2,8 @@
 
     opd inspect data/teacher_cache
 
-Built on polars lazy scans, so it reads only the columns it needs.
+Every shard's checksum is verified first (a damaged shard is named with the fix, as every stage
+does); the summary is then built on polars lazy scans, which read only the columns they need.
 """
 
 from __future__ import annotations
@@ -10,14 +11,29 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_schemas import PROVENANCE_KEY, SCHEMA_KEY
+from data_schemas import PROVENANCE_KEY, SCHEMA_KEY, prompts, rollouts, sft_samples, teacher_cache
 from pipeline import shards
 
 LENGTH_BINS = 8
+ARTEFACTS = {module.NAME: module for module in (prompts, rollouts, sft_samples, teacher_cache)}
+UNKNOWN = SimpleNamespace(NAME="?", VERSION="?", PRODUCED_BY="the stage that wrote this directory")
+
+
+def _artefact(paths: list[Path]):
+    """The artefact module the first shard with a readable footer names (for the fix of an error)."""
+    for path in paths:
+        try:
+            name = (pq.read_schema(path).metadata or {}).get(SCHEMA_KEY, b"").decode()
+        except (OSError, pa.ArrowException):
+            continue
+        return ARTEFACTS.get(name, UNKNOWN)
+    return UNKNOWN
 
 
 def summarise(directory) -> dict:
@@ -25,7 +41,9 @@ def summarise(directory) -> dict:
     paths = shards.list_shards(directory)
     if not paths:
         raise FileNotFoundError(f"{directory} holds no shards (part-00000.parquet, ...)")
-    metadata = pq.read_schema(paths[0]).metadata or {}
+    artefact = _artefact(paths)
+    schemas = [shards.checked_schema(path, artefact) for path in paths]  # every checksum, before any summary
+    metadata = schemas[0].metadata or {}
     frame = pl.scan_parquet([str(p) for p in paths])
     columns = frame.collect_schema().names()
     size = sum(p.stat().st_size for p in paths)

@@ -17,16 +17,27 @@ MANIFEST = "manifest.json"
 """File the models stage writes: where each role's model lives and its provenance."""
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local model directory for a path or a hub id (downloaded into the HF cache if needed)."""
+def resolve_model_dir(name_or_path: str, key: str = "models.teacher/student") -> Path:
+    """A local model directory for a path or a hub id (downloaded into the HF cache if needed); `key` is
+    the params key that named it, for the error."""
+    from pipeline.config import ConfigError
+
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    if path.is_absolute() or name_or_path.startswith("."):
-        raise FileNotFoundError(f"model directory {path} does not exist")
+    fix = f"Fix: set {key} to an existing model directory or a hub model id (namespace/name)"
+    # A path whose parent directory exists, or with more parts than a hub id has, is a local path.
+    local = path.is_absolute() or name_or_path.startswith(".") or len(path.parts) > 2
+    if local or (len(path.parts) == 2 and path.parent.is_dir()):
+        raise ConfigError(f"{key}: model directory {path} does not exist (looked in {Path.cwd()}). {fix}")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(name_or_path))
+    try:
+        return Path(snapshot_download(name_or_path))
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{key}: {name_or_path!r} is no local directory (looked in {Path.cwd()}) and the hub "
+                          f"lookup failed ({first_line}). {fix}") from error
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -36,10 +47,22 @@ def _hash_files(paths: list[Path]) -> str:
 
 
 def weights_hash(model_dir: Path) -> str:
-    """sha256 over the weight files: identifies a teacher exactly, whatever its name."""
+    """sha256 over the weight files: identifies a teacher exactly, whatever its name. A safetensors file
+    whose header does not cover it (truncated, a partial copy) is refused here, before any stage loads it."""
+    from safetensors import SafetensorError, safe_open
+
     files = [p for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES]
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)}). Fix: point the "
+                                f"models key at a directory written by save_pretrained, weights included")
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), "pt"):
+                    pass
+            except SafetensorError as error:
+                raise FileNotFoundError(f"{path}: not a complete safetensors file ({error}). Fix: copy or "
+                                        f"download the model again") from error
     return _hash_files(files)
 
 
@@ -58,6 +81,30 @@ def describe(model_id: str, model_dir: Path) -> dict:
         "weights_sha256": weights_hash(model_dir),
         "tokenizer_sha256": tokenizer_hash(model_dir),
     }
+
+
+def model_config(model_dir):
+    """The transformers config of a local model directory (vocab_size, max_position_embeddings, ...)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir))
+
+
+def check_prompt_lengths(prompts: list[dict], encoded: list[list[int]], key: str, max_new_tokens: int, model_dir,
+                         prompts_dir) -> None:
+    """Refuse, before any shard is sampled or replaced, a prompt that with `max_new_tokens` (params `key`) does
+    not fit the model's positions: it would fail deep in the engine, or allocate for a sequence the model
+    cannot attend over."""
+    from pipeline.config import ConfigError
+
+    limit = getattr(model_config(model_dir), "max_position_embeddings", None)
+    for row, (prompt, ids) in enumerate(zip(prompts, encoded)):
+        if limit and len(ids) + max_new_tokens > limit:
+            raise ConfigError(
+                f"{prompts_dir}: prompt {row} of the split (prompt_id {prompt['prompt_id']!r}) has {len(ids)} tokens; "
+                f"with {key} {max_new_tokens} that exceeds the {limit} positions of {model_dir}. Fix: set "
+                f"prompts.max_prompt_tokens to at most {limit - max_new_tokens} (the prompts stage then drops longer "
+                f"prompts) or lower {key}")
 
 
 def load_tokenizer(model_dir):

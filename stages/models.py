@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data_schemas import prompts as prompts_schema
 from pipeline import cli, data, models, shards, toy_task, training
-from pipeline.config import ModelsConfig, TaskConfig, load_section
+from pipeline.config import ConfigError, ModelsConfig, TaskConfig, load_section
 from stages.prompts import read_chat, read_split
 
 log = logging.getLogger("models")
@@ -45,13 +45,20 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
         manifest["teacher"] = {**models.describe("toy-teacher", out / "teacher"), "path": "teacher",
                               **({"style": cfg.teacher_style} if toy else {})}
     else:
-        manifest["teacher"] = models.describe(cfg.teacher, models.resolve_model_dir(cfg.teacher))
+        manifest["teacher"] = models.describe(cfg.teacher, models.resolve_model_dir(cfg.teacher, "models.teacher"))
     if cfg.student == "toy":
         student = models.build_toy_model(cfg.toy_student, tokenizer, cfg.seed + 1)
         models.save_model(student, tokenizer, out / "student")
         manifest["student"] = {**models.describe("toy-student", out / "student"), "path": "student"}
     else:
-        manifest["student"] = models.describe(cfg.student, models.resolve_model_dir(cfg.student))
+        manifest["student"] = models.describe(cfg.student, models.resolve_model_dir(cfg.student, "models.student"))
+    teacher, student = manifest["teacher"], manifest["student"]
+    teacher_tok, student_tok = teacher["tokenizer_sha256"], student["tokenizer_sha256"]
+    if teacher_tok != student_tok:  # checked here, before any stage runs either model
+        raise ConfigError(f"models.teacher ({teacher['id']}) and models.student ({student['id']}) map tokens to "
+                          f"different ids (tokenizers {teacher_tok[:12]} and {student_tok[:12]}), so the teacher's "
+                          f"top-k ids would mean other tokens to the student. Fix: pick a teacher and a student of "
+                          f"one tokenizer family")
     (out / models.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("teacher %s, student %s -> %s", manifest["teacher"]["id"], manifest["student"]["id"], out)
     return manifest

@@ -68,9 +68,10 @@ def shard_rows(rollouts: pa.Table, cache: pa.Table) -> list[dict]:
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
-def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 8):
-    """Check every shard pair before training starts (a bad shard fails now, not hours in), then return
-    the streaming dataset over them, each row's length (for bucketing) and the cache's provenance."""
+def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 8, vocab_size: int | None = None):
+    """Check every shard pair before training starts (a bad shard fails now, not hours in): each one's
+    checksum, schema, alignment and k, and with `vocab_size` (the student's) its top-k ids. Returns the
+    streaming dataset over them, each row's length (for bucketing) and the cache's provenance."""
     cache_paths = shards.list_shards(cache_dir)
     rollout_paths = shards.list_shards(rollouts_dir)
     if len(cache_paths) != len(rollout_paths) or not cache_paths:
@@ -79,9 +80,17 @@ def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 
             f"the cache is incomplete or from other rollouts. Fix: rerun the teacher_logprobs stage.",
             cache_dir,
         )
-    sizes, lengths, cache_provenance = [], [], None
+    sizes, lengths, cache_provenance, first_k = [], [], None, None
     for rollout_path, cache_path in zip(rollout_paths, cache_paths):
-        rollouts, _, provenance = _read_pair(rollout_path, cache_path)
+        rollouts, cache, provenance = _read_pair(rollout_path, cache_path)
+        k = teacher_cache.k_of(cache, cache_path)
+        first_k = first_k or k
+        if k != first_k or provenance.get("k") != k:
+            raise SchemaError(f"{cache_path} holds top-k {k} (its provenance says {provenance.get('k')}) but "
+                              f"{cache_paths[0]} holds {first_k}: the shards come from different runs. "
+                              f"Fix: delete {cache_dir} and rerun the teacher_logprobs stage.", cache_path)
+        if vocab_size is not None:
+            teacher_cache.check_ids_below(cache, vocab_size, cache_path)
         sizes.append(rollouts.num_rows)
         lengths.extend(pc.add(pc.list_value_length(rollouts["prompt_ids"]),
                               pc.list_value_length(rollouts["response_ids"])).to_pylist())
@@ -223,7 +232,8 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
     if cfg.refresh_every and (refresh is None or rounds_dir is None):
         raise ConfigError("opd.refresh_every needs --models, --prompts and --rounds (see dvc.yaml's opd stage)")
     sft_provenance = models.read_provenance(sft_model)
-    rows, lengths, cache_provenance = open_cache(rollouts_dir, cache_dir, cfg.max_shards_in_memory)
+    rows, lengths, cache_provenance = open_cache(rollouts_dir, cache_dir, cfg.max_shards_in_memory,
+                                                 models.model_config(sft_model).vocab_size)
     check_consistency(cfg, sft_provenance, cache_provenance)
     model = models.load_model(sft_model)
     tokenizer = models.load_tokenizer(sft_model)

@@ -148,13 +148,22 @@ def open_source(cfg: PromptsConfig, bad: BadRows) -> tuple[Iterator[tuple[str, d
     if path.is_file():
         raise ConfigError(f"prompts.source {cfg.source}: unsupported file type {path.suffix!r}; give a .jsonl or "
                           f".parquet file, a directory written by datasets' save_to_disk, or a hub dataset id")
-    looks_local = path.suffix in (".jsonl", ".parquet") or path.is_absolute() or cfg.source.startswith(".")
+    looks_local = (path.suffix in (".jsonl", ".parquet") or path.is_absolute() or cfg.source.startswith(".")
+                   or len(path.parts) > 2 or (len(path.parts) == 2 and path.parent.is_dir()))
     if not path.is_dir() and looks_local:
-        raise ConfigError(f"prompts.source {cfg.source}: no such file or directory")
+        raise ConfigError(f"prompts.source {cfg.source}: no such file or directory (looked for a .jsonl or .parquet "
+                          f"file or a save_to_disk directory, from {Path.cwd()}). Fix: correct the path, or give a hub "
+                          f"dataset id (namespace/name)")
     import datasets  # slow to import; only for these sources
 
     if path.is_dir():
-        dataset = datasets.load_from_disk(str(path))
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except FileNotFoundError as error:
+            raise ConfigError(f"prompts.source {cfg.source}: a directory, but not one written by datasets' "
+                              f"save_to_disk (no dataset_info.json, state.json or dataset_dict.json in it). Fix: point "
+                              f"prompts.source at a .jsonl or .parquet file inside it, or at a save_to_disk "
+                              f"directory") from error
         if isinstance(dataset, datasets.DatasetDict):
             if cfg.hf_split not in dataset:
                 raise ConfigError(f"prompts.source {cfg.source} has splits {list(dataset)}, not prompts.hf_split "
@@ -323,7 +332,7 @@ def run(task: TaskConfig, out: Path, cfg: PromptsConfig | None = None, student: 
         provenance["tokenizer"] = student
     if cfg.chat.template:
         provenance["chat"] = dataclasses.asdict(cfg.chat)  # absent: plain text, as before chat templates existed
-    shards.fill_shards(out, 1, 1, lambda i, rows: table, prompts_schema, provenance)
+    shards.fill_shards(out, 1, 1, lambda i, rows: table, prompts_schema, provenance, can_replace=False)
     log.info("%s: %s prompts", out, ", ".join(f"{counts[s]} {s}" for s in SPLITS))
     return out
 

@@ -46,11 +46,14 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
         "config": vars(cfg),
     }
 
+    encoded = [models.encode_prompt(tokenizer, r["prompt"], chat) for r in prompts]
+    models.check_prompt_lengths(prompts, encoded, "rollouts.max_new_tokens", cfg.max_new_tokens, policy_dir,
+                                prompts_dir)
+
     def make_table(index: int, rows: slice) -> pa.Table:
         nonlocal engine
         engine = engine or engines.load_engine(policy_dir, engine_cfg)  # only if a shard is missing
-        chunk = prompts[rows]
-        prompt_ids = [models.encode_prompt(tokenizer, r["prompt"], chat) for r in chunk]
+        chunk, prompt_ids = prompts[rows], encoded[rows]
         gens = engine.generate(prompt_ids, cfg, seed=cfg.seed + round_ * SEED_STRIDE + index)
         return pa.table(
             {

@@ -39,11 +39,13 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, models_dir: Path, prompts
         "config": vars(cfg),
     }
     dropped = 0
+    encoded = [models.encode_prompt(engine.tokenizer, r["prompt"], chat) for r in prompts]
+    models.check_prompt_lengths(prompts, encoded, "sft_data.max_new_tokens", cfg.max_new_tokens, teacher["path"],
+                                prompts_dir)
 
     def make_table(index: int, rows: slice) -> pa.Table:
         nonlocal dropped
-        chunk = prompts[rows]
-        prompt_ids = [models.encode_prompt(engine.tokenizer, r["prompt"], chat) for r in chunk]
+        chunk, prompt_ids = prompts[rows], encoded[rows]
         gens = engine.generate(prompt_ids, cfg, seed=cfg.seed + index)
         kept = [g for g in gens if g.finish_reason == "stop"]
         dropped += len(gens) - len(kept)

@@ -19,7 +19,7 @@ import pyarrow as pa
 from data_schemas import rollouts as rollouts_schema
 from data_schemas import teacher_cache
 from pipeline import cli, engines, models, shards
-from pipeline.config import EngineConfig, TeacherLogprobsConfig, load_section
+from pipeline.config import ConfigError, EngineConfig, TeacherLogprobsConfig, load_section
 
 log = logging.getLogger("teacher_logprobs")
 
@@ -49,7 +49,14 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
         worker: tuple[int, int] = (0, 1), replace_stale: bool = False, engine=None) -> int:
     """Score every rollout shard of `rollouts_dir` into `out`; `engine`: the teacher's, already loaded
     (OPD refresh rounds keep it), else loaded here if a shard is missing."""
-    teacher = models.read_manifest(models_dir)["teacher"]
+    manifest = models.read_manifest(models_dir)
+    teacher = manifest["teacher"]
+    # Checked before any shard is scored or replaced: a top_k the teacher cannot give, ids the student cannot read.
+    teacher_vocab = models.model_config(teacher["path"]).vocab_size
+    if cfg.top_k > teacher_vocab:
+        raise ConfigError(f"teacher_logprobs.top_k is {cfg.top_k} but the teacher ({teacher['id']}) has a vocabulary "
+                          f"of {teacher_vocab} tokens. Fix: set teacher_logprobs.top_k to at most {teacher_vocab}")
+    student_vocab = models.model_config(manifest["student"]["path"]).vocab_size
     rollout_paths = shards.list_shards(rollouts_dir)
     if not rollout_paths:
         raise FileNotFoundError(f"{rollouts_dir} holds no rollout shards: run the rollouts stage first")
@@ -78,7 +85,9 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
         engine = engine or engines.load_engine(teacher["path"], engine_cfg, cfg.top_k)  # only if a shard is missing
         rollouts, _ = shards.read_shard(rollout_paths[index], rollouts_schema)
         scores = engine.score(rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist(), cfg.top_k)
-        return scores_table(rollouts, scores, cfg.top_k)
+        table = scores_table(rollouts, scores, cfg.top_k)
+        teacher_cache.check_ids_below(table, student_vocab, shards.shard_path(out, index))
+        return table
 
     written = shards.fill_shards(out, len(rollout_paths), 1, make_table, teacher_cache, provenance, worker,
                                  replace_stale, k=cfg.top_k)

@@ -314,7 +314,7 @@ def test_opd_refuses_a_cache_of_other_rollouts(run_copy):
     first = shards.shard_path(run_copy / "data/rollouts", 0)
     table = pq.read_table(first)
     first.unlink()
-    pq.write_table(table.slice(1), first)  # other rollouts under the same name
+    shards.write_parquet(table.slice(1), first)  # other rollouts under the same name
     with pytest.raises(SchemaError, match="other rollouts"):
         opd.run(section("opd"), run_copy / "models/sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache", run_copy / "models/opd2")
 
@@ -347,8 +347,8 @@ def test_models_stage_records_real_models_by_path(tiny_run, tmp_path):
 
 
 def test_missing_local_model_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
-        models.resolve_model_dir(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="models.teacher: model directory .*nope does not exist.*Fix: set models.teacher"):
+        models.resolve_model_dir(str(tmp_path / "nope"), "models.teacher")
 
 
 @pytest.mark.parametrize("num_workers", [2, 3])
