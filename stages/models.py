@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from data_schemas import prompts as prompts_schema
@@ -40,7 +41,12 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
         ]
         train_cfg = cfg.teacher_training
         batches = data.in_memory(rows, train_cfg.batch_size, tokenizer.pad_token_id, train_cfg.seed)
-        training.train(teacher, batches, train_cfg, out / "logs" / "teacher")
+        # A killed run resumes from the last of teacher_training.checkpoint_every's checkpoints, kept beside `out`
+        # (dvc deletes `out` before it reruns the stage), if it was written for this config and these prompts.
+        training.train(teacher, batches, train_cfg, out / "logs" / "teacher",
+                       checkpoint_dir=training.checkpoint_dir_for(out),
+                       fingerprint=training.inputs_fingerprint(train_cfg, json.dumps(asdict(cfg), sort_keys=True),
+                                                               [prompts_dir]))
         models.save_model(teacher, tokenizer, out / "teacher")
         manifest["teacher"] = {**models.describe("toy-teacher", out / "teacher"), "path": "teacher",
                               **({"style": cfg.teacher_style} if toy else {})}

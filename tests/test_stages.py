@@ -388,3 +388,25 @@ def test_scoring_refuses_incomplete_rollouts(run_copy):
     with pytest.raises(FileNotFoundError, match="part-00001.parquet is missing: the rollouts are incomplete"):
         teacher_logprobs.run(section("teacher_logprobs"), section("engine"), run_copy / "models/base",
                              run_copy / "data/rollouts", run_copy / "cache2")
+
+
+def test_a_killed_models_stage_resumes_its_teacher_to_the_uninterrupted_weights(tiny_run, tmp_path, monkeypatch,
+                                                                                 crash_at_step):
+    """The toy teacher's training (the longest stage on a CPU) checkpoints every teacher_training.checkpoint_every
+    steps beside models/base; a crash, then a rerun: the teacher of an uninterrupted run, bit for bit."""
+    from dataclasses import replace
+
+    from stages import models as models_stage
+
+    cfg = section("models")
+    cfg = replace(cfg, teacher_training=replace(cfg.teacher_training, checkpoint_every=20))
+    out = tmp_path / "models/base"
+    crash_at_step(45)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        models_stage.run(cfg, section("task"), tiny_run / "data/prompts", out)
+    assert (tmp_path / "models/base.checkpoints/last.ckpt").exists()
+    monkeypatch.undo()
+    manifest = models_stage.run(cfg, section("task"), tiny_run / "data/prompts", out)
+    reference = models.read_manifest(tiny_run / "models/base")["teacher"]["weights_sha256"]
+    assert manifest["teacher"]["weights_sha256"] == reference
+    assert not (tmp_path / "models/base.checkpoints").exists()  # removed once training completed
