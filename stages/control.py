@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import cli, models
-from pipeline.config import load_section
+from pipeline.config import OpdConfig, load_section
 from stages import sft
 
 
-def run(opd_cfg, sft_model: Path, control_data: Path, out: Path) -> Path:
+def run(opd_cfg: OpdConfig, sft_model: Path, control_data: Path, out: Path) -> Path:
     student = models.describe("sft-student", Path(sft_model))
-    return sft.run(opd_cfg.training(), Path(sft_model), control_data, out, student=student, stage="control")
+    return sft.run(opd_cfg.training(), None, control_data, out, student=student, stage="control")
 
 
 def main(argv=None):

@@ -15,7 +15,7 @@ from pipeline.config import TrainConfig, load_section
 log = logging.getLogger("sft")
 
 
-def run(cfg: TrainConfig, models_dir: Path, sft_data: Path, out: Path, student: dict | None = None,
+def run(cfg: TrainConfig, models_dir: Path | None, sft_data: Path, out: Path, student: dict | None = None,
         stage: str = "sft") -> Path:
     """Train `student` (default: the manifest's student under `models_dir`; stages/control.py passes the SFT
     student) on the SFT data in `sft_data`, and save it to `out`."""
