@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.cli import stage_params  # noqa: E402
+from pipeline.cli import stage_sections  # noqa: E402
 from pipeline.config import Params, load_params  # noqa: E402
 
 SEEDED = [("models", "seed"), ("sft", "seed"), ("rollouts", "seed"), ("opd", "seed")]
@@ -95,18 +95,10 @@ def stage_key(cmd: list[str], upstream: str) -> dict:
     before it; any change may make its outputs stale."""
     params = yaml.safe_load(Path(cmd[cmd.index("--params") + 1]).read_text())
     module = cmd[cmd.index("-m") + 1] if "-m" in cmd else ""
-    names = stage_params(f"python -m {module}")  # none for a command that is not a pipeline stage: all of it
-    read = {name: _lookup(params, name) for name in names} if names else params
+    sections = stage_sections(f"python -m {module}")  # none for a command that is not a pipeline stage: all of it
+    read = {section: params.get(section) for section in sections} if sections else params
     return {"command": shlex.join(cmd), "params_sha256": hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest(),
             "upstream": upstream}
-
-
-def _lookup(params: dict, name: str):
-    """The value of a section (`opd`) or of one key (`opd.steps`) in `params`; None where it is not set."""
-    value = params
-    for part in name.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 def _marked_key(marker: Path) -> dict | None:

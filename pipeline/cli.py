@@ -99,9 +99,9 @@ def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bo
     return args
 
 
-def stage_params(doc: str) -> list[str]:
-    """The params a stage reads, as dvc.yaml declares them: whole sections (`opd`) or single keys (`opd.steps`).
-    The stage is named by the `python -m stages.<name>` command its docstring opens with."""
+def stage_sections(doc: str) -> list[str]:
+    """The params sections a stage reads, as dvc.yaml declares them (the stage is named by the
+    `python -m stages.<name>` command its docstring opens with)."""
     import yaml
 
     name, dvc_yaml = _stage_name(doc), ROOT / "dvc.yaml"
@@ -109,11 +109,6 @@ def stage_params(doc: str) -> list[str]:
         return []
     stage = yaml.safe_load(dvc_yaml.read_text())["stages"].get(name, {})
     return [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
-
-
-def stage_sections(doc: str) -> list[str]:
-    """The params sections a stage reads (of its stage_params), in order, each once."""
-    return list(dict.fromkeys(p.split(".")[0] for p in stage_params(doc)))
 
 
 def sections_read(stage: str) -> set[str]:

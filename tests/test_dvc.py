@@ -56,9 +56,9 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path):
     assert [row["model"] for row in chart["data"]["values"]] == ["teacher", "sft_student", "control", "opd_student"]
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["opd"]["clip_eps"] = 0.3  # an opd key the control does not read
+    params["opd"]["lr"] = params["opd"].get("lr", 1e-3) * 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran_stages(sh("dvc", "repro")) == ["opd", "evaluate"]
+    assert ran_stages(sh("dvc", "repro")) == ["control", "opd", "evaluate"]
 
     # A stage that died mid-run left some of its shards: `dvc repro` keeps them (persist) and
     # writes only the missing ones.

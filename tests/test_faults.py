@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from data_schemas import SchemaError
-from pipeline import cli, shards
+from pipeline import cli, shards, toy_task
 from tests.conftest import TINY_PARAMS, section
+
+VOCAB = len(toy_task.build_tokenizer())
 
 
 def snapshot(root) -> dict:
@@ -275,7 +277,8 @@ def teacher_logprobs_argv(run, models_dir=None, *overrides: str) -> list[str]:
 def test_top_k_above_the_vocabulary_is_refused_before_any_shard_is_replaced(run_copy, capsys):
     before = snapshot(run_copy)
     refused(capsys, teacher_logprobs_argv(run_copy, None, "teacher_logprobs.top_k=100"),
-            "teacher_logprobs.top_k is 100", "vocabulary of 17 tokens", "Fix: set teacher_logprobs.top_k to at most 17")
+            "teacher_logprobs.top_k is 100", f"vocabulary of {VOCAB} tokens",
+            f"Fix: set teacher_logprobs.top_k to at most {VOCAB}")
     assert snapshot(run_copy) == before  # --replace-stale deleted nothing
 
 

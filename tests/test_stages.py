@@ -138,9 +138,7 @@ def test_control_is_the_sft_student_trained_on_the_teachers_answers_to_the_opd_p
     assert control["base"]["weights_sha256"] == models.weights_hash(tiny_run / "models/sft")
     assert control["config"] == vars(section("opd").training())
     assert models.weights_hash(tiny_run / "models/control") != models.weights_hash(tiny_run / "models/sft")
-    # dvc.yaml reruns the control when any of these keys changes, and no other opd key
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["control"]
-    assert stage["params"] == [f"opd.{f}" for f in TrainConfig.__dataclass_fields__]
+    assert set(control["config"]) == set(TrainConfig.__dataclass_fields__)
 
 
 def test_rerun_of_a_finished_stage_recomputes_nothing(run_copy):
