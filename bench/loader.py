@@ -6,7 +6,7 @@ Writes a synthetic rollouts + teacher-cache pair with the real schemas and shard
 and log-probs; the sizes, not the values, set the cost), then times on one core
 (torch threads = 1, DataLoader without workers), side by side in one run:
 
-- open_cache: stages.opd.open_cache, the check of every shard pair before training starts;
+- open_cache: pipeline.cache.open_cache, the check of every shard pair before training starts;
 - epochs: iterating the real OPD DataModule (pipeline/data.py: shards streamed, batches collated), the
   first epoch reading each shard, later ones finding them in memory; in response tokens per second;
 - step: one training step of the default toy student (forward, top-k forward KL, backward, AdamW)
@@ -38,7 +38,6 @@ def write_synthetic(out: Path, args, vocab: int) -> None:
     from data_schemas import rollouts as rollouts_schema
     from data_schemas import teacher_cache
     from pipeline import shards
-    from stages.teacher_logprobs import _fixed_size
 
     rng = np.random.default_rng(0)
     per_shard = 1000
@@ -56,8 +55,8 @@ def write_synthetic(out: Path, args, vocab: int) -> None:
                for _ in range(n)]
         cache = pa.table({**keys,
                           "teacher_token_logprobs": [(-rng.random(args.response_len)).astype(np.float32) for _ in range(n)],
-                          "teacher_topk_ids": _fixed_size(ids, pa.int32(), args.k),
-                          "teacher_topk_logprobs": _fixed_size(lps, pa.float16(), args.k)})
+                          "teacher_topk_ids": teacher_cache.topk_column(ids, pa.int32(), args.k),
+                          "teacher_topk_logprobs": teacher_cache.topk_column(lps, pa.float16(), args.k)})
         shards.write_shard(out / "cache", index, cache, teacher_cache,
                            {"rollouts_sha256": shards.file_sha256(path), "k": args.k}, k=args.k)
 
@@ -110,7 +109,7 @@ def main() -> None:
 
     from pipeline import data, losses, models, toy_task
     from pipeline.config import ModelsConfig
-    from stages.opd import open_cache
+    from pipeline.cache import open_cache
 
     tokenizer = toy_task.build_tokenizer()
     student = models.build_toy_model(ModelsConfig().toy_student, tokenizer, seed=0)

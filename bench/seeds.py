@@ -95,7 +95,7 @@ def stage_key(cmd: list[str], upstream: str) -> dict:
     before it; any change may make its outputs stale."""
     params = yaml.safe_load(Path(cmd[cmd.index("--params") + 1]).read_text())
     module = cmd[cmd.index("-m") + 1] if "-m" in cmd else ""
-    sections = stage_sections(f"python -m {module}")  # none for a command that is not a pipeline stage: all of it
+    sections = stage_sections(module.removeprefix("stages.")) if module else []  # none: not a stage, all of it
     read = {section: params.get(section) for section in sections} if sections else params
     return {"command": shlex.join(cmd), "params_sha256": hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest(),
             "upstream": upstream}

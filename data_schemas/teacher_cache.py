@@ -9,6 +9,7 @@ the cache; the sampled-token log-prob stays float32 because it enters the loss d
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -36,6 +37,16 @@ def schema(k: int) -> pa.Schema:
         ],
         metadata=schema_metadata(NAME, VERSION),
     )
+
+
+def topk_column(arrays: list[np.ndarray], value_type: pa.DataType, k: int) -> pa.Array:
+    """A top-k column, list<fixed_size_list<value_type, k>>, from per-row [R, k] arrays, without Python
+    loops over tokens."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), k)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
 
 def k_of(schema_or_table, path=None) -> int:

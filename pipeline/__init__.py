@@ -1,4 +1,4 @@
-"""opd-pipeline: offline on-policy distillation (see README and DESIGN)."""
+"""opd-pipeline: offline on-policy distillation (see README.md and docs/design.md)."""
 
 import importlib.util
 

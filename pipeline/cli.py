@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import ast
-import functools
-import hashlib
 import importlib
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -22,53 +19,18 @@ STAGES = ("prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs"
 TOOLS = {"inspect": "pipeline.inspect_cache"}
 """Subcommands that are not stages: module implementing each."""
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("pipeline", "stages", "data_schemas")
 
 
-def module_file(name: str) -> Path | None:
-    """The project file of module `name`, or None if it is not one of ours."""
-    path = ROOT / Path(*name.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def project_imports(path: Path, seen: set[Path] | None = None) -> set[Path]:
-    """`path` and every project file it imports, transitively, following imports inside functions too."""
-    seen = set() if seen is None else seen
-    if path in seen:
-        return seen
-    seen.add(path)
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        for name in names:
-            if name.split(".")[0] in PACKAGES and (found := module_file(name)):
-                project_imports(found, seen)
-    return seen
-
-
-@functools.cache  # the code does not change while a process runs (OPD refresh rounds ask every round)
-def code_sha256(stage: str) -> str:
-    """sha256 of the code a stage runs (its file and every project file it imports), recorded in its
-    shards' provenance: shards written by other code count as stale, as dvc.yaml's code deps say."""
-    files = sorted(project_imports(ROOT / "stages" / f"{stage}.py"))
-    listing = "".join(f"{f.relative_to(ROOT)}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n" for f in files)
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bool = False) -> argparse.Namespace:
-    """Parse a stage's command line: `--params` plus the named paths (declared in dvc.yaml), for
+def stage_args(stage: str, doc: str, argv, *paths: str, sharded: bool = False,
+               resumable: bool = False) -> argparse.Namespace:
+    """Parse the command line of stage `stage` (its module docstring `doc` is the help): `--params` plus the
+    named paths (declared in dvc.yaml), for
     data-parallel stages `--shard i --num-shards n` (as `args.worker = (i, n)`), and for stages that
     resume from their finished shards (`resumable`, implied by `sharded`) `--replace-stale`.
     `args.stage` and `args.started` are what `summary(args)` reports at the end."""
     from pipeline.config import Params, describe_section
 
-    sections = stage_sections(doc)
+    sections = stage_sections(stage)
     epilog = doc + ("\nparams sections it reads (defaults; override with --set section.key=value):\n"
                     + "\n".join(describe_section(name) for name in sections) if sections else "")
     parser = argparse.ArgumentParser(
@@ -90,7 +52,7 @@ def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bo
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     args = parser.parse_args(argv)
     progress.quiet_library_bars()
-    args.stage, args.started = _stage_name(doc), time.perf_counter()
+    args.stage, args.started = stage, time.perf_counter()
     _report_user_errors(args.stage)
     args.params = Params(args.params, tuple(args.overrides))
     _check_overrides(args.stage, args.overrides)
@@ -99,23 +61,24 @@ def stage_args(doc: str, argv, *paths: str, sharded: bool = False, resumable: bo
     return args
 
 
-def stage_sections(doc: str) -> list[str]:
-    """The params sections a stage reads, as dvc.yaml declares them (the stage is named by the
-    `python -m stages.<name>` command its docstring opens with)."""
+def stage_sections(stage: str) -> list[str]:
+    """The params sections stage `stage` reads, as dvc.yaml declares them."""
     import yaml
 
-    name, dvc_yaml = _stage_name(doc), ROOT / "dvc.yaml"
-    if not name or not dvc_yaml.exists():
+    dvc_yaml = ROOT / "dvc.yaml"
+    if not dvc_yaml.exists():
         return []
-    stage = yaml.safe_load(dvc_yaml.read_text())["stages"].get(name, {})
-    return [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
+    declared = yaml.safe_load(dvc_yaml.read_text())["stages"].get(stage, {})
+    return [p if isinstance(p, str) else next(iter(p)) for p in declared.get("params", [])]
 
 
 def sections_read(stage: str) -> set[str]:
     """The params sections stage `stage`'s code loads: the `load_section("<name>", ...)` calls of its file and
     of the stage files it imports (control_data runs sft_data's main, opd the rollouts and scoring code)."""
+    from pipeline.provenance import stage_files
+
     found = set()
-    for path in project_imports(ROOT / "stages" / f"{stage}.py"):
+    for path in stage_files(stage):
         if path.parent.name != "stages":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
@@ -125,12 +88,10 @@ def sections_read(stage: str) -> set[str]:
     return found
 
 
-def _check_overrides(stage: str | None, overrides: list[str]) -> None:
+def _check_overrides(stage: str, overrides: list[str]) -> None:
     """Refuse `--set` of a section the stage does not read: it would change nothing, silently."""
     from pipeline.config import SECTIONS, ConfigError
 
-    if not stage:
-        return
     read = sections_read(stage)
     for override in overrides:
         section = override.partition("=")[0].split(".")[0].strip()
@@ -140,12 +101,6 @@ def _check_overrides(stage: str | None, overrides: list[str]) -> None:
                               f"Fix: pass it to the stage that reads {section}, or drop it")
 
 
-def _stage_name(doc: str) -> str | None:
-    """The stage named by the `python -m stages.<name>` command a stage's docstring opens with."""
-    match = re.search(r"python -m stages\.(\w+)", doc)
-    return match.group(1) if match else None
-
-
 def summary(args: argparse.Namespace, *details: str) -> str:
     """Print (and return) a stage's last line: `details` (e.g. "300 steps"), then for a shard directory
     its rows and response tokens, the wall time since `stage_args` and the size of `args.out` on disk:
@@ -153,7 +108,9 @@ def summary(args: argparse.Namespace, *details: str) -> str:
         rollouts: 4,000 rows, 101,485 response tokens, 31.2 s, 1.9 MiB -> data/rollouts
 
     It describes the whole output, so it includes shards kept from an earlier run or other workers."""
-    stats = output_stats(args.out)
+    from pipeline import shards
+
+    stats = shards.directory_stats(args.out)
     parts = list(details)
     if stats["rows"] is not None:
         parts.append(f"{stats['rows']:,} rows")
@@ -163,29 +120,6 @@ def summary(args: argparse.Namespace, *details: str) -> str:
     line = f"{args.stage}: {', '.join(parts)} -> {args.out}"
     print(line, flush=True)
     return line
-
-
-def output_stats(path: Path) -> dict:
-    """`bytes`: every file under `path` (or the file itself); for a shard directory, `rows` from the Parquet
-    footers and `tokens`, the response tokens (the list lengths of its shards.TOKEN_COLUMNS column, read alone),
-    else None."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from pipeline import shards
-
-    path = Path(path)
-    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-    stats = {"rows": None, "tokens": None, "bytes": sum(p.stat().st_size for p in files)}
-    paths = shards.list_shards(path)
-    if paths:
-        stats["rows"] = sum(pq.read_metadata(p).num_rows for p in paths)
-        columns = pq.read_schema(paths[0]).names
-        column = next((c for c in shards.TOKEN_COLUMNS if c in columns), None)
-        if column:
-            lengths = (pc.list_value_length(pq.read_table(p, columns=[column])[column]) for p in paths)
-            stats["tokens"] = sum(pc.sum(n).as_py() or 0 for n in lengths)
-    return stats
 
 
 def format_bytes(size: int) -> str:

@@ -2,8 +2,8 @@
 at a time, shuffled and length-bucketed within it, reproducible per epoch from a seed.
 
 Memory is bounded by `max_shards_in_memory` shard pairs, not by the whole cache, so a cache larger
-than RAM trains the same way as the toy one. Shards are validated before training starts (see
-stages.opd.check_shards); here they are only read.
+than RAM trains the same way as the toy one. Shards are validated before training starts
+(pipeline.cache.open_cache); here they are only read.
 """
 
 from __future__ import annotations
@@ -197,6 +197,24 @@ class ShardedData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return batch_loader(self.rows, self.lengths, self.batch_size, self.pad_id, self.seed, self.trainer)
+
+
+class RoundsData(L.LightningDataModule):
+    """Batches in rounds, one per Lightning epoch (so train with `reload_every_epoch`): round r is
+    `steps_per_round` optimizer steps on the rows `round_rows(r, start_step, trainer)` returns, a ShardedRows
+    and its row lengths, asked for as the round begins (OPD refresh rounds sample them then)."""
+
+    def __init__(self, round_rows: Callable, batch_size: int, pad_id: int, seed: int, steps_per_round: int):
+        super().__init__()
+        self.round_rows, self.batch_size, self.pad_id, self.seed = round_rows, batch_size, pad_id, seed
+        self.steps_per_round = steps_per_round
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        start_step = trainer.current_epoch * self.steps_per_round
+        rows, lengths = self.round_rows(trainer.current_epoch, start_step, trainer)
+        return batch_loader(rows, lengths, self.batch_size, self.pad_id, self.seed, trainer, start_step,
+                            self.steps_per_round * trainer.accumulate_grad_batches)
 
 
 def in_memory(rows: list[dict], batch_size: int, pad_id: int, seed: int) -> ShardedData:

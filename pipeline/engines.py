@@ -53,7 +53,51 @@ class Scores:
     topk_logprobs: np.ndarray  # [R, k] float32
 
 
-class HFEngine:
+class Engine:
+    """What every engine shares: its `name`, the `version` recorded in provenance, and `close()`, which
+    frees its model so the next engine in this process gets the memory; `with` closes it."""
+
+    name = ""
+
+    @property
+    def version(self) -> str:
+        return engine_version(self.name)
+
+    def close(self) -> None:
+        """Nothing to free by default."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LazyEngine:
+    """load_engine's engine, loaded on first `get()` (a stage whose shards all exist loads no model) and
+    closed on `close()` or at the end of a `with` block."""
+
+    def __init__(self, model_dir, cfg: EngineConfig, max_logprobs: int = 0):
+        self.args, self.engine = (model_dir, cfg, max_logprobs), None
+
+    def get(self) -> Engine:
+        if self.engine is None:
+            self.engine = load_engine(*self.args)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class HFEngine(Engine):
     """transformers in-process engine: left-padded batched `generate`, packed and chunked scoring."""
 
     name = "hf"
@@ -68,13 +112,8 @@ class HFEngine:
             self.pad_id = self.tokenizer.eos_token_id
         self.eos_id = self.tokenizer.eos_token_id
 
-    @property
-    def version(self) -> str:
-        return engine_version(self.name)
-
     def close(self) -> None:
-        """Free the model (the next engine in this process gets the memory)."""
-        del self.model
+        self.model = None
 
     def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -220,7 +259,7 @@ def head_scores(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
     return torch.cat(token_lp), torch.cat(top_lp), torch.cat(top_ids)
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """vLLM offline engine: every request submitted at once, vLLM schedules and batches them."""
 
     name = "vllm"
@@ -255,16 +294,14 @@ class VLLMEngine:
             logprobs_mode=f"{LOGPROB_MODE}_logprobs",
         )
 
-    @property
-    def version(self) -> str:
-        return engine_version(self.name)
-
     def close(self) -> None:
         """Shut vLLM down and free its KV cache, so another engine can start in this process."""
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
+        if self.llm is None:
+            return
         self.llm.llm_engine.engine_core.shutdown()
-        del self.llm
+        self.llm = None
         cleanup_dist_env_and_memory()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Generation]:
@@ -310,7 +347,7 @@ class VLLMEngine:
         ]
 
 
-class ServerEngine:
+class ServerEngine(Engine):
     """Teacher scoring through an OpenAI-compatible completions endpoint that returns prompt log-probs (`vllm serve`):
     one request per sequence, `max_concurrency` in flight, each retried with backoff. Scoring only."""
 
@@ -320,13 +357,6 @@ class ServerEngine:
         self.cfg = cfg
         self.url = cfg.url.rstrip("/")
         self.model = cfg.server_model or self._request("/models")["data"][0]["id"]
-
-    @property
-    def version(self) -> str:
-        return engine_version(self.name)
-
-    def close(self) -> None:
-        """Nothing to free: the model lives in the server."""
 
     def generate(self, prompts, sampling, seed):
         raise ValueError("engine.name server only scores (the teacher_logprobs stage). Fix: set engine.name to hf or "
@@ -477,7 +507,7 @@ VLLM_MISSING = (
 )
 
 
-def load_engine(model_dir, cfg: EngineConfig, max_logprobs: int = 0) -> HFEngine | VLLMEngine | ServerEngine:
+def load_engine(model_dir, cfg: EngineConfig, max_logprobs: int = 0) -> Engine:
     """The configured engine; `max_logprobs` is the largest top-k that will be asked of `score`."""
     if cfg.name == "hf":
         return HFEngine(model_dir, cfg)

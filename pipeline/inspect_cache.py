@@ -46,12 +46,13 @@ def summarise(directory) -> dict:
     metadata = schemas[0].metadata or {}
     frame = pl.scan_parquet([str(p) for p in paths])
     columns = frame.collect_schema().names()
-    size = sum(p.stat().st_size for p in paths)
+    stats = shards.directory_stats(directory)
+    size = stats["bytes"]
     out = {
         "path": str(directory),
         "artefact": metadata.get(SCHEMA_KEY, b"?").decode(),
         "shards": len(paths),
-        "rows": frame.select(pl.len()).collect().item(),
+        "rows": stats["rows"],
         "size_bytes": size,
     }
     provenance = json.loads(metadata.get(PROVENANCE_KEY, b"{}"))
@@ -61,7 +62,7 @@ def summarise(directory) -> dict:
     token_column = next((c for c in shards.TOKEN_COLUMNS if c in columns), None)
     if token_column:
         lengths = frame.select(pl.col(token_column).list.len().alias("n")).collect()["n"]
-        out["tokens"] = int(lengths.sum())
+        out["tokens"] = stats["tokens"]
         out["bytes_per_token"] = round(size / max(out["tokens"], 1), 3)
         out["response_length_histogram"] = _histogram(lengths)
     if "teacher_topk_logprobs" in columns:

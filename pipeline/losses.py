@@ -1,4 +1,4 @@
-"""Distillation losses as pure tensor functions (DESIGN.md section 2).
+"""Distillation losses as pure tensor functions (docs/design.md, "The method").
 
 Shapes: B sequences, T positions, V vocabulary, k cached teacher entries per position.
 ``logits[:, t]`` scores ``targets[:, t]``: callers shift, these functions do not.

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ChatConfig, ConfigError, ToyModelConfig
-from pipeline.shards import file_sha256
+from pipeline.shards import files_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -40,12 +40,6 @@ def resolve_model_dir(name_or_path: str, key: str = "models.teacher/student") ->
                           f"lookup failed ({first_line}). {fix}") from error
 
 
-def _hash_files(paths: list[Path]) -> str:
-    """One sha256 over the files' names and contents (each streamed by shards.file_sha256)."""
-    listing = "".join(f"{path.name}:{file_sha256(path)}\n" for path in sorted(paths))
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
 def weights_hash(model_dir: Path) -> str:
     """sha256 over the weight files: identifies a teacher exactly, whatever its name. A safetensors file
     whose header does not cover it (truncated, a partial copy) is refused here, before any stage loads it."""
@@ -63,7 +57,7 @@ def weights_hash(model_dir: Path) -> str:
             except SafetensorError as error:
                 raise FileNotFoundError(f"{path}: not a complete safetensors file ({error}). Fix: copy or "
                                         f"download the model again") from error
-    return _hash_files(files)
+    return files_sha256(sorted(files))
 
 
 def tokenizer_hash(model_dir: Path) -> str:

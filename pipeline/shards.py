@@ -64,6 +64,16 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def listing_sha256(entries) -> str:
+    """One sha256 over `name:sha256` lines, in the order given: the hash of a set of files."""
+    return hashlib.sha256("".join(f"{name}:{sha}\n" for name, sha in entries).encode()).hexdigest()
+
+
+def files_sha256(paths) -> str:
+    """listing_sha256 of the files `paths` (by name, in the order given): e.g. a directory's shards."""
+    return listing_sha256((Path(path).name, file_sha256(path)) for path in paths)
+
+
 def _crc32(data: bytes, at: int) -> bytes:
     """CRC-32 of `data` with the 8 checksum digits at `at` read as the placeholder."""
     view = memoryview(data)
@@ -143,6 +153,47 @@ def list_shards(directory) -> list[Path]:
         return []
     found = [(int(m.group(1)), directory / name) for name in os.listdir(directory) if (m := _SHARD_NAME.match(name))]
     return [path for _, path in sorted(found)]
+
+
+def complete_shards(directory, artefact) -> list[Path]:
+    """list_shards of a finished artefact: at least one shard, and no gap in the numbering (a stage that
+    died, or workers of which some have not finished, leave one)."""
+    directory = Path(directory)
+    paths = list_shards(directory)
+    if not paths:
+        raise FileNotFoundError(
+            f"{directory} holds no shards ({SHARD_TEMPLATE.format(0)}, ...). "
+            f"Fix: run {artefact.PRODUCED_BY} to produce {artefact.NAME}."
+        )
+    for expected_index, path in enumerate(paths):
+        if path.name != SHARD_TEMPLATE.format(expected_index):
+            raise SchemaError(
+                f"{directory}: shard {SHARD_TEMPLATE.format(expected_index)} is missing (next found: {path.name}), "
+                f"so the stage did not finish. Fix: rerun {artefact.PRODUCED_BY} (every --shard worker, if you "
+                f"split it); it writes only missing shards.",
+                directory,
+            )
+    return paths
+
+
+def directory_stats(path) -> dict:
+    """`bytes` on disk: of the shards of a shard directory, else of every file under `path` (or the file
+    itself); for a shard directory `rows`, from the Parquet footers, and `tokens`, the response tokens
+    (the list lengths of its TOKEN_COLUMNS column, read alone), else None."""
+    import pyarrow.compute as pc
+
+    path = Path(path)
+    paths = list_shards(path)
+    files = paths or ([p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path])
+    stats = {"rows": None, "tokens": None, "bytes": sum(p.stat().st_size for p in files)}
+    if paths:
+        stats["rows"] = sum(pq.read_metadata(p).num_rows for p in paths)
+        columns = pq.read_schema(paths[0]).names
+        column = next((c for c in TOKEN_COLUMNS if c in columns), None)
+        if column:
+            lengths = (pc.list_value_length(pq.read_table(p, columns=[column])[column]) for p in paths)
+            stats["tokens"] = sum(pc.sum(n).as_py() or 0 for n in lengths)
+    return stats
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -327,19 +378,7 @@ def read_shard(path, artefact) -> tuple[pa.Table, dict]:
 def read_shards(directory, artefact) -> tuple[pa.Table, dict]:
     """All shards of `directory`, validated and concatenated in index order, with shard 0's provenance."""
     directory = Path(directory)
-    paths = list_shards(directory)
-    if not paths:
-        raise FileNotFoundError(
-            f"{directory} holds no shards ({SHARD_TEMPLATE.format(0)}, ...). "
-            f"Fix: run {artefact.PRODUCED_BY} to produce {artefact.NAME}."
-        )
-    for expected_index, path in enumerate(paths):
-        if path.name != SHARD_TEMPLATE.format(expected_index):
-            raise SchemaError(
-                f"{directory}: shard {SHARD_TEMPLATE.format(expected_index)} is missing (next found: {path.name}), "
-                f"so the stage did not finish. Fix: rerun {artefact.PRODUCED_BY}; it writes only missing shards.",
-                directory,
-            )
+    paths = complete_shards(directory, artefact)
     tables, provenance = [], {}
     for path in paths:
         table, shard_provenance = read_shard(path, artefact)

@@ -132,13 +132,15 @@ class DistillModule(L.LightningModule):
 
 
 def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, loss: str = "sft",
-          checkpoint_dir: Path | None = None, fingerprint: dict | None = None, callbacks: list | None = None):
+          checkpoint_dir: Path | None = None, fingerprint: dict | None = None, callbacks: list | None = None,
+          reload_every_epoch: bool = False):
     """Train `model` in place on `data` for `cfg.steps` optimizer steps; CSV logs go to `log_dir`.
 
     With `cfg.checkpoint_every` and a `checkpoint_dir`, Lightning saves `last.ckpt` there every N
     steps and a rerun resumes from it exactly (weights, optimizer, schedule, position in the data),
     but only if it was written for the same `fingerprint` (config and inputs); otherwise it is
     deleted. The directory is removed once training completes. `callbacks`: more Lightning callbacks (a bench's).
+    `reload_every_epoch`: ask `data` for a new dataloader each epoch (pipeline.data.RoundsData's rounds).
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     precision = cfg.precision
@@ -172,7 +174,7 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         use_distributed_sampler=False,  # ShardBatchSampler gives each replica its own batches
         # An OPD refresh round is an epoch, on data sampled as it begins. Only then: a reload re-iterates the
         # finished loader, which would move the epoch order of a ShardBatchSampler that counts its own passes.
-        reload_dataloaders_every_n_epochs=int(getattr(data, "reload_every_epoch", False)),
+        reload_dataloaders_every_n_epochs=int(reload_every_epoch),
         enable_checkpointing=checkpointing,
         enable_model_summary=False,
         enable_progress_bar=terminal,

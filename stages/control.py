@@ -24,7 +24,7 @@ def run(opd_cfg: OpdConfig, sft_model: Path, control_data: Path, out: Path) -> P
 
 
 def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "sft_model", "control_data", "out")
+    args = cli.stage_args("control", __doc__, argv, "sft_model", "control_data", "out")
     cfg = load_section("opd", args.params)
     run(cfg, args.sft_model, args.control_data, args.out)
     cli.summary(args, f"{cfg.steps:,} steps")

@@ -12,7 +12,7 @@ from stages import sft_data
 
 
 def main(argv=None):
-    sft_data.main(argv, doc=__doc__, split="opd")
+    sft_data.main(argv, doc=__doc__, split="opd", stage="control_data")
 
 
 if __name__ == "__main__":

@@ -20,23 +20,20 @@ from pathlib import Path
 
 from pipeline import cli, engines, models, verifiers
 from pipeline.config import ChatConfig, EngineConfig, EvaluateConfig, SamplingConfig, load_section
-from stages.prompts import read_chat, read_split
+from pipeline.prompts import read_chat, read_split
 
 log = logging.getLogger("evaluate")
 
 
 def accuracy(model_dir, prompts: list[dict], cfg: EvaluateConfig, engine_cfg: EngineConfig,
              chat: ChatConfig | None = None) -> dict:
-    engine = engines.load_engine(model_dir, engine_cfg)
-    ids = [models.encode_prompt(engine.tokenizer, r["prompt"], chat) for r in prompts]
-    try:
+    with engines.load_engine(model_dir, engine_cfg) as engine:
+        ids = [models.encode_prompt(engine.tokenizer, r["prompt"], chat) for r in prompts]
         gens = engine.generate(ids, SamplingConfig(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                                    max_new_tokens=cfg.max_new_tokens), seed=cfg.seed)
         sampled = engine.generate(ids, SamplingConfig(n=cfg.sampled_n, temperature=cfg.sampled_temperature,
                                                       max_new_tokens=cfg.max_new_tokens),
                                   seed=cfg.seed) if cfg.sampled_n else []
-    finally:
-        engine.close()
     correct = _correct_per_prompt(engine.tokenizer, gens, prompts, cfg.verifier)
     metrics = {
         "accuracy": round(verifiers.mean_pass_at_k(correct, cfg.n_samples, 1), 4),
@@ -95,7 +92,7 @@ def run(cfg: EvaluateConfig, engine_cfg: EngineConfig, models_dir: Path, sft_mod
 
 
 def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "models", "sft_model", "control_model", "opd_model", "prompts", "out", "chart")
+    args = cli.stage_args("evaluate", __doc__, argv, "models", "sft_model", "control_model", "opd_model", "prompts", "out", "chart")
     params = args.params
     cfg = load_section("evaluate", params)
     metrics = run(cfg, load_section("engine", params), args.models, args.sft_model, args.control_model, args.opd_model,

@@ -18,7 +18,7 @@ from pathlib import Path
 from data_schemas import prompts as prompts_schema
 from pipeline import cli, data, models, shards, toy_task, training
 from pipeline.config import ConfigError, ModelsConfig, TaskConfig, load_section
-from stages.prompts import read_chat, read_split
+from pipeline.prompts import read_chat, read_split
 
 log = logging.getLogger("models")
 
@@ -71,7 +71,7 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
 
 
 def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "prompts", "out")
+    args = cli.stage_args("models", __doc__, argv, "prompts", "out")
     cfg = load_section("models", args.params)
     run(cfg, load_section("task", args.params), args.prompts, args.out)
     cli.summary(args, *([f"{cfg.teacher_training.steps:,} teacher steps"] if cfg.teacher == "toy" else []))

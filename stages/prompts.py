@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 from data_schemas import SchemaError
 from data_schemas import prompts as prompts_schema
 from pipeline import cli, models, shards, toy_task
-from pipeline.config import ChatConfig, ConfigError, PromptsConfig, TaskConfig, from_dict, load_section
+from pipeline.config import ConfigError, PromptsConfig, TaskConfig, load_section
+from pipeline.provenance import stage_provenance
 
 log = logging.getLogger("prompts")
 SPLITS = ("teacher_train", "sft", "opd", "eval")
@@ -283,7 +284,7 @@ def _toy_prompts(task: TaskConfig) -> tuple[pa.Table, dict, dict[str, int]]:
             "split": splits,
         }
     )
-    return table, {"stage": "prompts", "task": toy_task.TASK, "config": vars(task)}, counts
+    return table, stage_provenance("prompts", task, task=toy_task.TASK), counts
 
 
 def _source_prompts(cfg: PromptsConfig, tokenizer) -> tuple[pa.Table, dict, dict[str, int]]:
@@ -304,14 +305,9 @@ def _source_prompts(cfg: PromptsConfig, tokenizer) -> tuple[pa.Table, dict, dict
         }
     )
     counts = {split: len(splits[split]) for split in SPLITS}
-    provenance = {
-        "stage": "prompts",
-        "source": cfg.source,
-        "source_fingerprint": fingerprint,
-        "config": dataclasses.asdict(cfg),
-        "rows": {"usable": len(rows), "repeats": repeats, "skipped": skipped,
-                 "unused": len(rows) - sum(counts.values())},
-    }
+    provenance = stage_provenance("prompts", cfg, source=cfg.source, source_fingerprint=fingerprint,
+                                  rows={"usable": len(rows), "repeats": repeats, "skipped": skipped,
+                                        "unused": len(rows) - sum(counts.values())})
     return table, provenance, counts
 
 
@@ -337,31 +333,8 @@ def run(task: TaskConfig, out: Path, cfg: PromptsConfig | None = None, student: 
     return out
 
 
-def read_split(prompts_dir: Path, split: str) -> list[dict]:
-    """The rows of one split, in file order, as dicts."""
-    table, _ = shards.read_shards(prompts_dir, prompts_schema)
-    rows = [r for r in table.to_pylist() if r["split"] == split]
-    if not rows:
-        raise ValueError(f"{prompts_dir}: no prompts in split {split!r}; check the task and prompts sections of "
-                         f"params.yaml (prompts.splits.{split} for your own prompts)")
-    return rows
-
-
-def read_chat(prompts_dir: Path) -> ChatConfig:
-    """The chat settings the prompts were written with: how every stage must encode them."""
-    _, provenance = shards.read_shards(prompts_dir, prompts_schema)
-    return from_dict(ChatConfig, provenance.get("chat"), f"{prompts_dir} (provenance 'chat')")
-
-
-def prompts_sha256(prompts_dir: Path) -> str:
-    """sha256 of the prompts' shards, for the provenance of the stages that read them: shards made from
-    other prompts (or other chat settings) are then stale."""
-    listing = "".join(f"{path.name}:{shards.file_sha256(path)}\n" for path in shards.list_shards(prompts_dir))
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
 def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "out")
+    args = cli.stage_args("prompts", __doc__, argv, "out")
     run(load_section("task", args.params), args.out, load_section("prompts", args.params),
         load_section("models", args.params).student)
     cli.summary(args)

@@ -18,7 +18,8 @@ import pyarrow as pa
 from data_schemas import rollouts as rollouts_schema
 from pipeline import cli, engines, models, shards
 from pipeline.config import EngineConfig, SamplingConfig, load_section
-from stages.prompts import prompts_sha256, read_chat, read_split
+from pipeline.provenance import stage_provenance
+from pipeline.prompts import prompts_sha256, read_chat, read_split
 
 log = logging.getLogger("rollouts")
 
@@ -34,27 +35,17 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
     prompts = read_split(prompts_dir, "opd") if prompts is None else prompts
     tokenizer = models.load_tokenizer(policy_dir)
     chat = read_chat(prompts_dir)
-    engine = None
-    provenance = {
-        "stage": "rollouts",
-        "code_sha256": cli.code_sha256("rollouts"),
-        "policy": models.identity(models.describe(policy_dir.name, policy_dir)),
-        "engine": engines.engine_version(engine_cfg.name),
-        "logprob_mode": engines.LOGPROB_MODE,
-        "round": round_,
-        "prompts_sha256": prompts_sha256(prompts_dir),
-        "config": vars(cfg),
-    }
+    provenance = stage_provenance("rollouts", cfg, engine_cfg.name, round=round_,
+                                  policy=models.identity(models.describe(policy_dir.name, policy_dir)),
+                                  prompts_sha256=prompts_sha256(prompts_dir))
 
     encoded = [models.encode_prompt(tokenizer, r["prompt"], chat) for r in prompts]
     models.check_prompt_lengths(prompts, encoded, "rollouts.max_new_tokens", cfg.max_new_tokens, policy_dir,
                                 prompts_dir)
 
     def make_table(index: int, rows: slice) -> pa.Table:
-        nonlocal engine
-        engine = engine or engines.load_engine(policy_dir, engine_cfg)  # only if a shard is missing
         chunk, prompt_ids = prompts[rows], encoded[rows]
-        gens = engine.generate(prompt_ids, cfg, seed=cfg.seed + round_ * SEED_STRIDE + index)
+        gens = engine.get().generate(prompt_ids, cfg, seed=cfg.seed + round_ * SEED_STRIDE + index)
         return pa.table(
             {
                 "prompt_id": [chunk[g.prompt_index]["prompt_id"] for g in gens],
@@ -67,16 +58,15 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
             }
         )
 
-    written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, rollouts_schema, provenance, worker,
-                                 replace_stale)
-    if engine is not None:
-        engine.close()
+    with engines.LazyEngine(policy_dir, engine_cfg) as engine:  # loaded only if a shard is missing
+        written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, rollouts_schema, provenance,
+                                     worker, replace_stale)
     log.info("%s: %d shards written (%d prompts x %d samples)", out, written, len(prompts), cfg.n)
     return written
 
 
 def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "policy", "prompts", "out", sharded=True)
+    args = cli.stage_args("rollouts", __doc__, argv, "policy", "prompts", "out", sharded=True)
     params = args.params
     run(load_section("rollouts", params), load_section("engine", params), args.policy, args.prompts, args.out,
         worker=args.worker, replace_stale=args.replace_stale)

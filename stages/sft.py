@@ -42,7 +42,7 @@ def run(cfg: TrainConfig, models_dir: Path | None, sft_data: Path, out: Path, st
 
 
 def main(argv=None):
-    args = cli.stage_args(__doc__, argv, "models", "sft_data", "out")
+    args = cli.stage_args("sft", __doc__, argv, "models", "sft_data", "out")
     cfg = load_section("sft", args.params)
     run(cfg, args.models, args.sft_data, args.out)
     cli.summary(args, f"{cfg.steps:,} steps")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from data_schemas import sft_samples
-from pipeline import cli, models, shards
+from pipeline import cli, engines, models, shards
 from pipeline.config import EngineConfig, SamplingConfig, load_section
-from pipeline.engines import load_engine
-from stages.prompts import prompts_sha256, read_chat, read_split
+from pipeline.provenance import stage_provenance
+from pipeline.prompts import prompts_sha256, read_chat, read_split
 
 log = logging.getLogger("sft_data")
 
@@ -28,25 +28,18 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, models_dir: Path, prompts
     teacher = models.read_manifest(models_dir)["teacher"]
     prompts = read_split(prompts_dir, split)
     chat = read_chat(prompts_dir)
-    engine = load_engine(teacher["path"], engine_cfg)
-    provenance = {
-        "stage": stage,
-        "split": split,
-        "code_sha256": cli.code_sha256(stage),
-        "teacher": models.identity(teacher),
-        "prompts_sha256": prompts_sha256(prompts_dir),
-        "engine": engine.version,
-        "config": vars(cfg),
-    }
+    provenance = stage_provenance(stage, cfg, engine_cfg.name, split=split, teacher=models.identity(teacher),
+                                  prompts_sha256=prompts_sha256(prompts_dir))
     dropped = 0
-    encoded = [models.encode_prompt(engine.tokenizer, r["prompt"], chat) for r in prompts]
+    tokenizer = models.load_tokenizer(teacher["path"])
+    encoded = [models.encode_prompt(tokenizer, r["prompt"], chat) for r in prompts]
     models.check_prompt_lengths(prompts, encoded, "sft_data.max_new_tokens", cfg.max_new_tokens, teacher["path"],
                                 prompts_dir)
 
     def make_table(index: int, rows: slice) -> pa.Table:
         nonlocal dropped
         chunk, prompt_ids = prompts[rows], encoded[rows]
-        gens = engine.generate(prompt_ids, cfg, seed=cfg.seed + index)
+        gens = engine.get().generate(prompt_ids, cfg, seed=cfg.seed + index)
         kept = [g for g in gens if g.finish_reason == "stop"]
         dropped += len(gens) - len(kept)
         return pa.table(
@@ -57,14 +50,15 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, models_dir: Path, prompts
             }
         )
 
-    written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, sft_samples, provenance,
-                                 replace_stale=replace_stale)
+    with engines.LazyEngine(teacher["path"], engine_cfg) as engine:  # loaded only if a shard is missing
+        written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, sft_samples, provenance,
+                                     replace_stale=replace_stale)
     log.info("%s: %d shards written, %d truncated responses dropped", out, written, dropped)
     return written
 
 
-def main(argv=None, doc: str = __doc__, split: str = "sft"):
-    args = cli.stage_args(doc, argv, "models", "prompts", "out", resumable=True)
+def main(argv=None, doc: str = __doc__, split: str = "sft", stage: str = "sft_data"):
+    args = cli.stage_args(stage, doc, argv, "models", "prompts", "out", resumable=True)
     params = args.params
     run(load_section("sft_data", params), load_section("engine", params), args.models, args.prompts, args.out,
         replace_stale=args.replace_stale, split=split, stage=args.stage)

@@ -37,12 +37,12 @@ def test_stage_help_lists_the_params_it_reads_with_defaults(capsys):
     from stages import opd
 
     with pytest.raises(SystemExit):
-        cli.stage_args(opd.__doc__, ["--help"], "out")
+        cli.stage_args("opd", opd.__doc__, ["--help"], "out")
     text = capsys.readouterr().out
     assert "--set SECTION.KEY=VALUE" in text
     for line in ("  opd:", "refresh_every = 0  # Optimizer steps between online refreshes", "  rollouts:", "  engine:"):
         assert line in text
-    assert cli.stage_sections(opd.__doc__) == ["opd", "rollouts", "teacher_logprobs", "engine"]
+    assert cli.stage_sections("opd") == ["opd", "rollouts", "teacher_logprobs", "engine"]
 
 
 def test_a_stage_run_by_hand_takes_the_override(tmp_path):

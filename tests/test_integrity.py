@@ -57,7 +57,7 @@ def test_offsets_cover_dictionary_and_data_pages_and_footer(tiny_run):
 
 
 def test_a_flipped_bit_is_refused_by_every_read_path(run_copy):
-    from stages.opd import open_cache
+    from pipeline.cache import open_cache
 
     cache_dir, rollouts_dir = run_copy / "data/teacher_cache", run_copy / "data/rollouts"
     path = shards.shard_path(cache_dir, 1)

@@ -16,6 +16,7 @@ from data_schemas import rollouts as rollouts_schema
 from pipeline import models, shards, toy_task
 from pipeline.config import (ChatConfig, ConfigError, EngineConfig, PromptsConfig, PromptSplitsConfig, SamplingConfig,
                              TaskConfig, ToyModelConfig, from_dict)
+from pipeline.prompts import read_chat
 from stages import prompts, rollouts
 
 TINY_TASK = TaskConfig(n_digits=2, teacher_train_prompts=200, sft_prompts=24, opd_prompts=20, eval_prompts=10, seed=0)
@@ -249,7 +250,7 @@ def test_chat_settings_reach_the_stages_that_encode(tmp_path, chat_tokenizer_dir
     prompts.run(TINY_TASK, tmp_path / "p", cfg, student=str(chat_tokenizer_dir))
     rows, provenance = table_rows(tmp_path / "p")
     assert provenance["rows"]["skipped"] == {"too_long": 1} and len(rows) == 10
-    assert prompts.read_chat(tmp_path / "p") == chat
+    assert read_chat(tmp_path / "p") == chat
     assert provenance["tokenizer"] == str(chat_tokenizer_dir)
 
     tokenizer = models.load_tokenizer(chat_tokenizer_dir)

@@ -12,7 +12,7 @@ from data_schemas import teacher_cache
 from pipeline import models, shards, training
 from pipeline.config import ConfigError, OpdConfig, from_dict
 from stages import opd
-from stages.prompts import read_split
+from pipeline.prompts import read_split
 from tests.conftest import section
 
 

@@ -22,53 +22,8 @@ from pipeline.shards import (
     shard_path,
     write_shard,
 )
+from tests.tables import cache_table, prompts_table, rollouts_table, sft_table
 PROVENANCE = {"teacher": {"model": "toy-teacher", "sha256": "abc"}, "k": 2, "temperature": 0.7}
-
-
-# Small valid tables (kept here rather than imported from test_schemas so each file runs alone).
-
-
-def prompts_table():
-    return pa.Table.from_pydict(
-        {"prompt_id": ["p0", "p1"], "prompt": ["1+1=", "2+2="], "answer": ["2", None], "split": ["train", "test"]},
-        schema=prompts.schema(),
-    )
-
-
-def sft_table():
-    return pa.Table.from_pydict(
-        {"prompt_id": ["p0", "p1"], "prompt_ids": [[1, 2], [3]], "response_ids": [[4, 5, 6], [7]]},
-        schema=sft_samples.schema(),
-    )
-
-
-def rollouts_table(finish_reason=("stop", "length", "stop")):
-    return pa.Table.from_pydict(
-        {
-            "prompt_id": ["p0", "p0", "p1"],
-            "sample_idx": [0, 1, 0],
-            "round": [0, 0, 0],
-            "prompt_ids": [[1, 2], [1, 2], [3]],
-            "response_ids": [[4, 5], [6], [7, 8, 9]],
-            "behavior_logprobs": [[-0.1, -0.2], [-0.3], [-0.4, -0.5, -0.6]],
-            "finish_reason": list(finish_reason),
-        },
-        schema=rollouts.schema(),
-    )
-
-
-def cache_table(k=2, lengths=(2, 1, 3)):
-    return pa.Table.from_pydict(
-        {
-            "prompt_id": ["p0", "p0", "p1"],
-            "sample_idx": [0, 1, 0],
-            "round": [0, 0, 0],
-            "teacher_token_logprobs": [[-0.5] * n for n in lengths],
-            "teacher_topk_ids": [[list(range(k))] * n for n in lengths],
-            "teacher_topk_logprobs": [[[-1.0] * k] * n for n in lengths],
-        },
-        schema=teacher_cache.schema(k),
-    )
 
 
 def truncate_to_half(path):

@@ -383,7 +383,7 @@ def test_scoring_refuses_incomplete_rollouts(run_copy):
     from stages import teacher_logprobs
 
     shards.shard_path(run_copy / "data/rollouts", 1).unlink()
-    with pytest.raises(FileNotFoundError, match="part-00001.parquet is missing: the rollouts are incomplete"):
+    with pytest.raises(SchemaError, match=r"part-00001\.parquet is missing .*the rollouts stage"):
         teacher_logprobs.run(section("teacher_logprobs"), section("engine"), run_copy / "models/base",
                              run_copy / "data/rollouts", run_copy / "cache2")
 

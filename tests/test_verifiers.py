@@ -140,16 +140,13 @@ def test_evaluate_counts_each_prompts_correct_samples(monkeypatch):
     wrong = "99;99;"
     responses = [[wrong] * 4, [examples[1][1]] * 4, [examples[2][1], wrong, wrong, examples[2][1]]]
 
-    class FakeEngine:
+    class FakeEngine(engines.Engine):
         tokenizer = toy_task.build_tokenizer()
 
         def generate(self, prompts, sampling, seed):
             assert (sampling.n, sampling.temperature, seed) == (4, 1.0, 0) and len(prompts) == 3
             return [engines.Generation(p, s, models.encode_response(self.tokenizer, responses[p][s]), [], "stop")
                     for p in range(3) for s in range(4)]
-
-        def close(self):
-            pass
 
     monkeypatch.setattr(engines, "load_engine", lambda model_dir, cfg: FakeEngine())
     cfg = EvaluateConfig(n_samples=4, pass_k=[1, 2, 4], temperature=1.0)

@@ -1,0 +1,110 @@
+"""The teacher cache for training: every rollout/cache shard pair checked before training starts (checksum,
+schema, alignment, k, ids within the student's vocabulary, teacher consistency), then streamed as training
+rows a few shards at a time (pipeline.data.ShardedRows)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data_schemas import SchemaError, teacher_cache
+from data_schemas import rollouts as rollouts_schema
+from pipeline import data, shards
+from pipeline.config import ConfigError, OpdConfig
+
+log = logging.getLogger("opd")
+
+
+def read_pair(rollout_path: Path, cache_path: Path) -> tuple[pa.Table, pa.Table, dict]:
+    """One rollout shard and its cache shard, validated, checked to belong together, aligned row by row."""
+    rollouts, _ = shards.read_shard(rollout_path, rollouts_schema)
+    cache, provenance = shards.read_shard(cache_path, teacher_cache)
+    if provenance.get("rollouts_sha256") != shards.file_sha256(rollout_path):
+        raise SchemaError(
+            f"{cache_path} was scored from other rollouts than {rollout_path}. "
+            f"Fix: rerun the teacher_logprobs stage on these rollouts.",
+            cache_path,
+        )
+    teacher_cache.check_aligned(cache, rollouts, cache_path, rollout_path)
+    return rollouts, cache, provenance
+
+
+def shard_rows(rollouts: pa.Table, cache: pa.Table) -> list[dict]:
+    """Training rows of one shard pair: per-row numpy views (tokens, behaviour and teacher signal)."""
+    k = teacher_cache.k_of(cache)
+    columns = {
+        "prompt_ids": data.row_arrays(rollouts["prompt_ids"]),
+        "response_ids": data.row_arrays(rollouts["response_ids"]),
+        "behavior_logprobs": data.row_arrays(rollouts["behavior_logprobs"]),
+        "teacher_logprobs": data.row_arrays(cache["teacher_token_logprobs"]),
+        "teacher_topk_ids": data.row_arrays(cache["teacher_topk_ids"], k),
+        "teacher_topk_logprobs": data.row_arrays(cache["teacher_topk_logprobs"], k),
+    }
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 8, vocab_size: int | None = None):
+    """Check every shard pair before training starts (a bad shard fails now, not hours in): each one's
+    checksum, schema, alignment and k, and with `vocab_size` (the student's) its top-k ids. Returns the
+    streaming dataset over them, each row's length (for bucketing) and the cache's provenance."""
+    cache_paths = shards.list_shards(cache_dir)
+    rollout_paths = shards.list_shards(rollouts_dir)
+    if len(cache_paths) != len(rollout_paths) or not cache_paths:
+        raise SchemaError(
+            f"{cache_dir} has {len(cache_paths)} shards but {rollouts_dir} has {len(rollout_paths)}: "
+            f"the cache is incomplete or from other rollouts. Fix: rerun the teacher_logprobs stage.",
+            cache_dir,
+        )
+    sizes, lengths, cache_provenance, first_k = [], [], None, None
+    for rollout_path, cache_path in zip(rollout_paths, cache_paths):
+        rollouts, cache, provenance = read_pair(rollout_path, cache_path)
+        k = teacher_cache.k_of(cache, cache_path)
+        first_k = first_k or k
+        if k != first_k or provenance.get("k") != k:
+            raise SchemaError(f"{cache_path} holds top-k {k} (its provenance says {provenance.get('k')}) but "
+                              f"{cache_paths[0]} holds {first_k}: the shards come from different runs. "
+                              f"Fix: delete {cache_dir} and rerun the teacher_logprobs stage.", cache_path)
+        if vocab_size is not None:
+            teacher_cache.check_ids_below(cache, vocab_size, cache_path)
+        sizes.append(rollouts.num_rows)
+        lengths.extend(pc.add(pc.list_value_length(rollouts["prompt_ids"]),
+                              pc.list_value_length(rollouts["response_ids"])).to_pylist())
+        cache_provenance = cache_provenance or provenance
+    def load(i: int) -> list[dict]:  # checked above: while training, a shard is only read again
+        return shard_rows(shards.read_shard(rollout_paths[i], rollouts_schema)[0],
+                          shards.read_shard(cache_paths[i], teacher_cache)[0])
+
+    dataset = data.ShardedRows(sizes, load, max_shards_in_memory)
+    return dataset, lengths, cache_provenance
+
+
+def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: dict) -> None:
+    """Refuse a cache whose teacher differs from the SFT-data teacher, whose tokenizer differs from the
+    student's, or whose k is too small."""
+    sft_teacher, cache_teacher = sft_provenance["sft_data_teacher"], cache_provenance["teacher"]
+    if sft_teacher["weights_sha256"] != cache_teacher["weights_sha256"]:
+        message = (
+            f"teacher inconsistency: the SFT data was written by {sft_teacher['id']} "
+            f"(weights {sft_teacher['weights_sha256'][:12]}) but the cache was scored by {cache_teacher['id']} "
+            f"(weights {cache_teacher['weights_sha256'][:12]}). Fix: rerun teacher_logprobs with the SFT teacher, "
+            f"or set opd.allow_teacher_mismatch: true to train anyway (biased; recorded in the metrics)."
+        )
+        if not cfg.allow_teacher_mismatch:
+            raise ConfigError(message)
+        log.warning("%s (allowed by opd.allow_teacher_mismatch)", message)
+    student_tok, teacher_tok = sft_provenance["base"]["tokenizer_sha256"], cache_teacher["tokenizer_sha256"]
+    if student_tok != teacher_tok:
+        raise ConfigError(
+            f"tokenizer mismatch: the student ({sft_provenance['base']['id']}, tokenizer {student_tok[:12]}) and the "
+            f"cache's teacher ({cache_teacher['id']}, tokenizer {teacher_tok[:12]}) map tokens to different ids, so "
+            f"the cached top-k ids mean other tokens to the student. Fix: use a student and teacher of one "
+            f"tokenizer family (same vocabulary and token-to-id mapping) in the models section."
+        )
+    if cfg.top_k is not None and cfg.top_k > cache_provenance["k"]:
+        raise ConfigError(
+            f"opd.top_k is {cfg.top_k} but the teacher cache holds k={cache_provenance['k']}. "
+            f"Fix: lower opd.top_k, or raise teacher_logprobs.top_k and rerun teacher_logprobs."
+        )
