@@ -253,7 +253,7 @@ def test_compute_loss_gradcheck_with_temperature_and_sft_mix(gen, name):
 
     def loss(x):
         return compute_loss(name, student_logits=x, targets=targets, mask=mask, teacher_topk_ids=top_ids,
-                            teacher_topk_logprobs=top_lp, tail="rest_bucket", jsd_beta=0.3, temperature=0.7,
+                            teacher_topk_logprobs=top_lp, topk_tail="rest_bucket", jsd_beta=0.3, temperature=0.7,
                             sft_weight=0.5)["loss"]
 
     assert torch.autograd.gradcheck(loss, (logits,))
@@ -486,7 +486,7 @@ def test_temperature_divides_the_student_logits_only(gen, name):
     targets = torch.randint(0, V, (B, T), generator=gen)
     full, top_ids, top_lp = _teacher(gen, 2)
     inputs = dict(targets=targets, mask=_mask(), teacher_logprobs=full.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
-                  teacher_topk_ids=top_ids, teacher_topk_logprobs=top_lp, tail="renorm_both")
+                  teacher_topk_ids=top_ids, teacher_topk_logprobs=top_lp, topk_tail="renorm_both")
     hot = compute_loss(name, student_logits=logits, temperature=2.0, **inputs)
     scaled = compute_loss(name, student_logits=logits / 2.0, **inputs)
     plain = compute_loss(name, student_logits=logits, **inputs)
@@ -530,7 +530,7 @@ def test_degenerate_inputs_stay_finite(gen, name, tail):
                         dict(importance_cap=2.0, vopd=True) if opd else dict(token_fraction=0.5)):
             out = compute_loss(name, student_logits=logits, targets=targets, mask=m, behavior_logprobs=behavior_lp,
                                teacher_logprobs=teacher_lp, teacher_topk_ids=topk_ids, teacher_topk_logprobs=topk_lp,
-                               tail=tail, jsd_beta=0.5, sft_weight=0.5, **options)
+                               topk_tail=tail, jsd_beta=0.5, sft_weight=0.5, **options)
             (grad,) = torch.autograd.grad(out["loss"], logits)
             assert _all_finite(grad, *out.values()), (m, options, out)
             if not m.any():
@@ -588,7 +588,7 @@ def test_compute_loss_dispatch_and_components(gen):
     assert set(LOSSES) == {"sft", "opd", "topk_fkl", "topk_rkl", "topk_jsd", "opd+topk_fkl", "opd+topk_rkl",
                            "opd+topk_jsd"}
     for name in LOSSES:
-        out = compute_loss(name, **inputs, tail="rest_bucket", jsd_beta=0.3, sft_weight=0.25)
+        out = compute_loss(name, **inputs, topk_tail="rest_bucket", jsd_beta=0.3, sft_weight=0.25)
         parts = name.split("+")
         expected_keys = {"loss", *parts, "sft", *diagnostics} | ({"clip_fraction"} if "opd" in parts else set())
         assert set(out) == expected_keys, name
@@ -675,10 +675,10 @@ def test_opd_config_validates_every_loss_option():
 H, T_LONG = 4, 5
 CHUNK_OPTIONS = {
     "plain": {},
-    "entropy_selection": dict(token_fraction=0.5, temperature=0.7, sft_weight=0.3, tail="rest_bucket"),
-    "divergence_selection": dict(token_fraction=0.6, token_select="divergence", tail="renorm_both", jsd_beta=0.3,
+    "entropy_selection": dict(token_fraction=0.5, temperature=0.7, sft_weight=0.3, topk_tail="rest_bucket"),
+    "divergence_selection": dict(token_fraction=0.6, token_select="divergence", topk_tail="renorm_both", jsd_beta=0.3,
                                  clip_eps=None),
-    "opd_options": dict(vopd=True, importance_cap=1.5, tail="rest_bucket"),  # and old_logprobs
+    "opd_options": dict(vopd=True, importance_cap=1.5, topk_tail="rest_bucket"),  # and old_logprobs
 }
 CHUNK_CASES = [(name, variant) for name in LOSSES for variant in CHUNK_OPTIONS
                if variant != "opd_options" or "opd" in name.split("+")]
@@ -710,8 +710,8 @@ def test_chunked_loss_equals_the_full_logits_loss(gen, name, variant):
     if variant == "opd_options":
         options["old_logprobs"] = signals["teacher_logprobs"] + 0.3 * torch.randn(B, T_LONG, generator=gen,
                                                                                    dtype=torch.float64)
-    if name.endswith("topk_rkl") and "tail" not in options:
-        options["tail"] = "rest_bucket"
+    if name.endswith("topk_rkl") and "topk_tail" not in options:
+        options["topk_tail"] = "rest_bucket"
     full = compute_loss(name, student_logits=F.linear(hidden, weight, bias), **signals, **options)
     expected = torch.autograd.grad(full["loss"], (hidden, weight, bias))
     for chunk_size in (1, 2, 3, 7, 64):
@@ -747,7 +747,7 @@ def test_chunked_loss_on_an_empty_mask_is_zero_with_zero_gradients(gen):
     hidden, weight, bias, signals = _hidden_inputs(gen)
     signals["mask"] = torch.zeros_like(signals["mask"])
     for name in LOSSES:
-        options = dict(tail="rest_bucket", token_fraction=0.5, sft_weight=0.5)
+        options = dict(topk_tail="rest_bucket", token_fraction=0.5, sft_weight=0.5)
         full = compute_loss(name, student_logits=F.linear(hidden, weight, bias), **signals, **options)
         out = compute_loss(name, hidden=hidden, lm_head_weight=weight, lm_head_bias=bias, chunk_size=2, **signals,
                            **options)
