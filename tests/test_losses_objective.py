@@ -225,3 +225,66 @@ def test_opd_config_validates_every_loss_option():
         with pytest.raises(ConfigError, match=message):
             from_dict(OpdConfig, params, "opd")
     assert from_dict(OpdConfig, {"strategy": "fsdp"}, "opd").loss_chunk_tokens == 1024  # FSDP with the chunked loss
+
+
+
+def test_every_option_rule_is_one_check_for_the_config_and_the_loss(gen, mask):
+    """ObjectiveConfig holds the rules: opd.<key> in params.yaml and compute_loss's keyword fail alike."""
+    inputs = _compute_inputs(gen, mask)
+    bad = [({"jsd_beta": 1.5}, r"opd.jsd_beta must be in \[0, 1\]"),
+           ({"loss": "topk_fkl", "importance_cap": 2.0}, r"opd.vopd and opd.importance_cap act on the opd term"),
+           ({"top_k": 0}, r"opd.top_k must be > 0 or null"),
+           ({"clip_against": "behavior", "clip_eps": None}, r"clip_against behavior .* needs clip_eps")]
+    for options, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(OpdConfig, options, "opd")
+        name = options.pop("loss", "opd")
+        with pytest.raises(ConfigError, match=message):
+            compute_loss(name, **inputs, **options)
+
+
+def test_clip_against_behavior_divides_by_the_behaviour_log_probs(gen, mask):
+    inputs = _compute_inputs(gen, mask)
+    behavior = inputs["teacher_logprobs"] + torch.randn(B, T, generator=gen)
+    got = compute_loss("opd", **inputs, behavior_logprobs=behavior, clip_against="behavior", clip_eps=0.1)
+    expected = compute_loss("opd", **inputs, behavior_logprobs=behavior, old_logprobs=behavior, clip_eps=0.1)
+    assert got.keys() == expected.keys() and all(torch.equal(got[key], expected[key]) for key in got)
+    assert got["clip_fraction"] > 0
+    with pytest.raises(ValueError, match="needs behavior_logprobs"):
+        compute_loss("opd", **inputs, clip_against="behavior")
+    with pytest.raises(ValueError, match="give no old_logprobs"):
+        compute_loss("opd", **inputs, behavior_logprobs=behavior, old_logprobs=behavior, clip_against="behavior")
+
+
+def test_top_k_keeps_the_first_cached_entries(gen, mask):
+    inputs = _compute_inputs(gen, mask, k=3)
+    got = compute_loss("opd+topk_fkl", **inputs, top_k=2, vopd=True)
+    sliced = {**inputs, "teacher_topk_ids": inputs["teacher_topk_ids"][..., :2],
+              "teacher_topk_logprobs": inputs["teacher_topk_logprobs"][..., :2]}
+    expected = compute_loss("opd+topk_fkl", **sliced, vopd=True)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    assert not torch.equal(got["topk_fkl"], compute_loss("opd+topk_fkl", **inputs, vopd=True)["topk_fkl"])
+
+
+def test_each_config_builds_its_objective_once():
+    """TrainConfig (the SFT stages): sft with the default options; OpdConfig: opd.loss with its own. DistillModule
+    builds it, and refuses an LM head it cannot chunk, when it is made."""
+    from pipeline import models, toy_task
+    from pipeline.config import ObjectiveConfig, ToyModelConfig, TrainConfig
+    from pipeline.losses import Objective
+    from pipeline.training import DistillModule
+
+    assert TrainConfig().objective() == ObjectiveConfig(loss="sft")
+    cfg = OpdConfig(loss="opd+topk_jsd", vopd=True, jsd_beta=0.2, topk_tail="rest_bucket", top_k=4, lr=0.1)
+    assert cfg.objective() == ObjectiveConfig(loss="opd+topk_jsd", vopd=True, jsd_beta=0.2, topk_tail="rest_bucket",
+                                              top_k=4)
+    assert cfg.objective("opd").loss == "opd" and cfg.objective("opd").vopd
+    model = models.build_toy_model(ToyModelConfig(64, 1, 64, 1), toy_task.build_tokenizer(), seed=0)
+    for config, loss, expected in ((TrainConfig(), None, TrainConfig().objective()), (cfg, None, cfg.objective()),
+                                   (cfg, "opd", cfg.objective("opd"))):
+        objective = DistillModule(model, config, loss).objective
+        assert isinstance(objective, Objective) and objective.options == expected
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="loss_chunk_tokens 0"):
+        DistillModule(model, cfg)
+    DistillModule(model, OpdConfig(loss_chunk_tokens=0))
