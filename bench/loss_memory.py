@@ -87,7 +87,7 @@ def run_once(variant: str, inputs: dict, args) -> float:
     hidden, weight = inputs["hidden"], inputs["weight"]
     hidden.grad = weight.grad = None
     signals = {key: value for key, value in inputs.items() if key not in ("hidden", "weight")}
-    options = dict(tail=args.tail, token_fraction=args.token_fraction)
+    options = dict(topk_tail=args.tail, token_fraction=args.token_fraction)
     autocast = torch.autocast(hidden.device.type, torch.bfloat16) if args.precision == "bf16-mixed" else nullcontext()
     with autocast:
         if variant == "naive":

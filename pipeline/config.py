@@ -190,6 +190,11 @@ class TrainConfig:
         """This config's TrainConfig fields alone: what an OPD run's equal-compute control trains with."""
         return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
 
+    def objective(self, loss: str | None = None) -> ObjectiveConfig:
+        """The objective this config trains with: `loss` (default sft, as in the SFT stages) with the default options.
+        OpdConfig's (ObjectiveConfig.objective) takes its own options."""
+        return ObjectiveConfig(loss=loss or "sft")
+
     def __post_init__(self):
         _positive(self, "steps", "batch_size", "lr", "accumulate_grad_batches", "devices", "num_nodes")
         if self.pack_tokens < 0:
@@ -296,15 +301,20 @@ class EngineConfig:
 ENGINES = ("hf", "vllm", "server")
 TEACHER_STYLES = ("carry_first", "units_first")
 """Notations of the toy task's worked answers (pipeline/toy_task.py STYLES; declared here so configs validate early)."""
-LOSSES = ("sft", "opd", "topk_fkl", "topk_rkl", "topk_jsd", "opd+topk_fkl", "opd+topk_rkl", "opd+topk_jsd")
-"""Objectives pipeline.losses.compute_loss implements (declared here so configs validate early);
-`a+b` is the sum of terms a and b."""
+TOPK_BETAS = {"topk_fkl": 0.0, "topk_rkl": 1.0, "topk_jsd": None}
+"""The top-k divergence terms (pipeline.losses.topk_divergence_loss) and their generalized-JSD beta: 0 forward KL,
+1 reverse KL, None opd.jsd_beta."""
+LOSS_TERMS = ("sft", "opd", *TOPK_BETAS)
+"""The terms pipeline.losses implements: cross-entropy, sampled-token OPD, the top-k divergences."""
+LOSSES = (*LOSS_TERMS, *(f"opd+{term}" for term in TOPK_BETAS))
+"""Objectives (opd.loss): one term, or `opd+` a top-k term, the sum of the two (declared here, with the options
+below, so configs validate early)."""
 TAILS = ("renorm_teacher", "renorm_both", "rest_bucket")
 """How the top-k losses treat the mass outside the teacher's k (pipeline.losses.topk_divergence_loss)."""
 TOKEN_SELECTIONS = ("entropy", "divergence")
-"""Scores by which pipeline.losses.compute_loss keeps a fraction of the response tokens."""
+"""Scores by which pipeline.losses.Objective keeps a fraction of the response tokens."""
 CLIP_AGAINST = ("current", "behavior")
-"""What the opd term's PPO ratio divides by (OpdConfig.clip_against)."""
+"""What the opd term's PPO ratio divides by (ObjectiveConfig.clip_against)."""
 VERIFIERS = ("toy", "exact", "math")
 """Verifiers pipeline.verifiers implements (declared here so configs validate early; EvaluateConfig.verifier)."""
 
@@ -341,8 +351,10 @@ class TeacherLogprobsConfig:
 
 
 @dataclass
-class OpdConfig(TrainConfig):
-    """`opd`: training the student against the cached teacher signal."""
+class ObjectiveConfig:
+    """The objective of a training run: its loss and every option that shapes it, the `opd` section's loss keys
+    (OpdConfig inherits them). pipeline.losses.Objective computes it. Every rule of these options is checked here,
+    once: a new option is one field below, one check in __post_init__, and its use in pipeline.losses.Objective."""
 
     loss: str = "opd"
     """One of LOSSES: sft, opd (sampled-token, the paper's), topk_fkl, topk_rkl, topk_jsd, or opd+ a topk_* term."""
@@ -369,6 +381,56 @@ class OpdConfig(TrainConfig):
     """Weight of an extra cross-entropy term on the sampled tokens."""
     top_k: int | None = None
     """Teacher entries used by top-k losses (null: all the cache has; must not exceed it)."""
+
+    @property
+    def terms(self) -> list[str]:
+        """The loss's terms: `a+b` is the sum of a and b."""
+        return self.loss.split("+")
+
+    def beta(self, term: str) -> float:
+        """The generalized-JSD beta of top-k term `term` (TOPK_BETAS; topk_jsd: jsd_beta)."""
+        fixed = TOPK_BETAS[term]
+        return self.jsd_beta if fixed is None else fixed
+
+    def objective(self, loss: str | None = None) -> ObjectiveConfig:
+        """These options on their own (a copy), with `loss` in place of this config's loss if given."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(ObjectiveConfig)}
+        return ObjectiveConfig(**{**options, "loss": loss or self.loss})
+
+    def __post_init__(self):
+        for name, valid in (("loss", LOSSES), ("topk_tail", TAILS), ("token_select", TOKEN_SELECTIONS),
+                            ("clip_against", CLIP_AGAINST)):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"opd.{name} must be one of {valid}, got {getattr(self, name)!r}")
+        for name in ("clip_eps", "importance_cap", "top_k"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"opd.{name} must be > 0 or null, got {getattr(self, name)}")
+        if not 0 <= self.jsd_beta <= 1:
+            raise ConfigError(f"opd.jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        if not 0 < self.token_fraction <= 1:
+            raise ConfigError(f"opd.token_fraction must be in (0, 1], got {self.token_fraction}")
+        if self.temperature <= 0:
+            raise ConfigError(f"opd.temperature must be > 0, got {self.temperature}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"opd.sft_weight must be >= 0, got {self.sft_weight}")
+        if (self.vopd or self.importance_cap is not None) and "opd" not in self.terms:
+            raise ConfigError(f"opd.vopd and opd.importance_cap act on the opd term, which loss {self.loss!r} lacks")
+        if self.clip_against == "behavior" and (self.clip_eps is None or self.importance_cap is not None):
+            raise ConfigError(
+                "opd.clip_against behavior makes the PPO ratio pi_theta/mu the off-policy weight: it needs clip_eps "
+                "and excludes importance_cap (which would weight by pi_theta/mu a second time)"
+            )
+        if self.topk_tail == "renorm_teacher" and any(self.beta(term) == 1 for term in self.terms if term in TOPK_BETAS):
+            raise ConfigError(
+                "opd.topk_tail renorm_teacher makes the reverse KL (topk_rkl, or topk_jsd at jsd_beta 1) infinite "
+                "once the student has mass outside the teacher's k; use renorm_both or rest_bucket"
+            )
+
+
+@dataclass
+class OpdConfig(ObjectiveConfig, TrainConfig):
+    """`opd`: training the student against the cached teacher signal."""
+
     allow_teacher_mismatch: bool = False
     """Train even if the cache's teacher is not the one that wrote the SFT data (biased; recorded)."""
     max_shards_in_memory: int = 8
@@ -383,22 +445,8 @@ class OpdConfig(TrainConfig):
         return self.refresh_every or self.steps
 
     def __post_init__(self):
-        super().__post_init__()
-        for name, valid in (("loss", LOSSES), ("topk_tail", TAILS), ("token_select", TOKEN_SELECTIONS),
-                            ("clip_against", CLIP_AGAINST)):
-            if getattr(self, name) not in valid:
-                raise ConfigError(f"opd.{name} must be one of {valid}, got {getattr(self, name)!r}")
-        for name in ("clip_eps", "importance_cap"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"opd.{name} must be > 0 or null, got {getattr(self, name)}")
-        if not 0 <= self.jsd_beta <= 1:
-            raise ConfigError(f"opd.jsd_beta must be in [0, 1], got {self.jsd_beta}")
-        if not 0 < self.token_fraction <= 1:
-            raise ConfigError(f"opd.token_fraction must be in (0, 1], got {self.token_fraction}")
-        if self.temperature <= 0:
-            raise ConfigError(f"opd.temperature must be > 0, got {self.temperature}")
-        if self.sft_weight < 0:
-            raise ConfigError(f"opd.sft_weight must be >= 0, got {self.sft_weight}")
+        TrainConfig.__post_init__(self)
+        ObjectiveConfig.__post_init__(self)
         _positive(self, "max_shards_in_memory")
         if self.refresh_every < 0:
             raise ConfigError(f"opd.refresh_every must be >= 0 (0: never), got {self.refresh_every}")
@@ -408,19 +456,6 @@ class OpdConfig(TrainConfig):
         if self.refresh_every and self.devices * self.num_nodes > 1:
             raise ConfigError("opd.refresh_every runs rollouts and scoring inside training, on one device for now: "
                               "set opd.devices: 1, or refresh_every: 0 and scale the offline stages with --shard")
-        terms = self.loss.split("+")
-        if (self.vopd or self.importance_cap is not None) and "opd" not in terms:
-            raise ConfigError(f"opd.vopd and opd.importance_cap act on the opd term, which loss {self.loss!r} lacks")
-        if self.clip_against == "behavior" and (self.clip_eps is None or self.importance_cap is not None):
-            raise ConfigError(
-                "opd.clip_against behavior makes the PPO ratio pi_theta/mu the off-policy weight: it needs clip_eps "
-                "and excludes importance_cap (which would weight by pi_theta/mu a second time)"
-            )
-        if self.topk_tail == "renorm_teacher" and ("topk_rkl" in terms or ("topk_jsd" in terms and self.jsd_beta == 1)):
-            raise ConfigError(
-                "opd.topk_tail renorm_teacher makes the reverse KL (topk_rkl, or topk_jsd at jsd_beta 1) infinite "
-                "once the student has mass outside the teacher's k; use renorm_both or rest_bucket"
-            )
 
 
 @dataclass

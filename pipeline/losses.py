@@ -1,14 +1,16 @@
-"""Distillation losses as pure tensor functions (docs/design.md, "The method").
+"""Distillation losses as pure tensor functions, and the Objective that combines them (docs/design.md, "The method").
 
 Shapes: B sequences, T positions, V vocabulary, k cached teacher entries per position.
 ``logits[:, t]`` scores ``targets[:, t]``: callers shift, these functions do not.
 Masks are bool ``[B, T]``; every loss is a token-level mean over the whole batch.
 
-compute_loss takes the student's logits, or (to keep a ``[B, T, V]`` logits tensor from ever existing)
-its final hidden states and LM head, whose logits it computes a chunk of response positions at a time.
+An Objective is the loss of one pipeline.config.ObjectiveConfig (its name and options, all checked there), built
+once; it takes the student's logits, or (to keep a ``[B, T, V]`` logits tensor from ever existing) its final hidden
+states and LM head, whose logits it computes a chunk of response positions at a time. compute_loss builds one and
+calls it.
 
 The cached teacher log-probs (sampled token and top-k) are the teacher's raw log-probs, at
-temperature 1; ``compute_loss(temperature=...)`` divides the student's logits only.
+temperature 1; the option ``temperature`` divides the student's logits only.
 
 Padding and masked positions may hold any value (-100 ids, -inf or NaN log-probs).
 They are neutralised with ``torch.where`` *before* any arithmetic, never by multiplying
@@ -18,16 +20,16 @@ turns into a NaN gradient (0 * inf in the backward pass).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The names compute_loss and the top-k losses accept, declared with the configs that choose them.
-from pipeline.config import LOSSES, TAILS, TOKEN_SELECTIONS
+# The objective's names and options are declared, and checked, with the configs that choose them.
+from pipeline.config import LOSSES, TAILS, ObjectiveConfig  # noqa: F401 (LOSSES: the loss names, for callers)
 
 TEACHER_LOGPROB_FLOOR = -1e4
 """Stand-in for a teacher log-prob of -inf (token outside the teacher's processed support).
@@ -309,11 +311,6 @@ def reverse_kl_estimate(student_logprobs: Tensor, teacher_logprobs: Tensor, mask
     return masked_mean(_f32(student_logprobs) - teacher, mask, count).detach()
 
 
-TOPK_BETA = {"topk_fkl": 0.0, "topk_rkl": 1.0}
-"""beta of the fixed top-k terms; topk_jsd takes compute_loss's jsd_beta."""
-
-
-
 class _Student(NamedTuple):
     """The student at a set of positions, all from its logits (divided by the temperature)."""
 
@@ -327,56 +324,106 @@ class _Student(NamedTuple):
     """Detached reverse KL on the teacher's top-k + rest bucket, where vopd or divergence selection needs it."""
 
 
-@dataclass(frozen=True)
-class _Objective:
-    """compute_loss's name and options, checked once: the per-token math that both of its paths share."""
+class Objective:
+    """The loss of ObjectiveConfig ``options`` (which checks its rules when made), built once and called on each batch:
+    ``objective(student_logits=... or hidden=..., targets=..., mask=..., <teacher signals>)``. Both of its paths,
+    full logits and chunks of them, share the per-token math below."""
 
-    name: str
-    clip_eps: float | None
-    importance_cap: float | None
-    vopd: bool
-    jsd_beta: float
-    tail: str
-    token_fraction: float
-    token_select: str
-    temperature: float
-    sft_weight: float
+    def __init__(self, options: ObjectiveConfig):
+        self.options = options
 
-    def __post_init__(self):
-        if self.name not in LOSSES:
-            raise ValueError(f"unknown loss {self.name!r}; valid names: {', '.join(LOSSES)}")
-        if self.sft_weight < 0:
-            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.token_select not in TOKEN_SELECTIONS:
-            raise ValueError(f"unknown token_select {self.token_select!r}; valid: {', '.join(TOKEN_SELECTIONS)}")
-        if self.vopd and "opd" not in self.terms:
-            raise ValueError(f"vopd is a baseline of the opd term; loss {self.name!r} has none")
-
-    @property
-    def terms(self) -> list[str]:
-        return self.name.split("+")
+    def __repr__(self) -> str:
+        return f"Objective({self.options!r})"
 
     @property
     def selects(self) -> bool:
-        return self.token_fraction < 1
+        return self.options.token_fraction < 1
 
     @property
     def needs_topk_kl(self) -> bool:
-        return self.vopd or (self.selects and self.token_select == "divergence")
+        return self.options.vopd or (self.selects and self.options.token_select == "divergence")
+
+    def __call__(
+        self,
+        *,
+        student_logits: Tensor | None = None,
+        hidden: Tensor | None = None,
+        lm_head_weight: Tensor | None = None,
+        lm_head_bias: Tensor | None = None,
+        chunk_size: int = 1024,
+        targets: Tensor,
+        mask: Tensor,
+        old_logprobs: Tensor | None = None,
+        behavior_logprobs: Tensor | None = None,
+        teacher_logprobs: Tensor | None = None,
+        teacher_topk_ids: Tensor | None = None,
+        teacher_topk_logprobs: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """The loss with its options, at the batch's positions.
+
+        The student comes as ``student_logits`` ``[B, T, V]``, or as its final ``hidden`` states ``[B, T, H]``
+        and LM head (``lm_head_weight`` ``[V, H]``, optional ``lm_head_bias`` ``[V]``): then the logits of
+        ``chunk_size`` response (mask) positions at a time are computed, used and freed, and only the masked
+        positions' ever exist; their gradient is taken chunk by chunk during this call (_ChunkedLinearLoss),
+        so peak memory is about ``chunk_size * V``, whatever B * T. Same values and gradients (first order,
+        one backward pass per call).
+
+        Returns ``{"loss": total, <term>: value, ..., "entropy": ..., ...}``; only ``"loss"`` carries a
+        graph, the rest are detached, for logging: each term, ``"clip_fraction"`` (with the opd term),
+        ``"entropy"`` (student, mean over response tokens) and ``"reverse_kl"`` (the sampled-token
+        estimate of KL(pi_theta || pi_T), whenever ``teacher_logprobs`` is given).
+
+        * ``temperature`` divides the student logits in every term; the teacher log-probs stay raw.
+        * ``top_k`` keeps the first k cached teacher entries.
+        * opd term: sampled_token_opd_loss with ``clip_eps``, ``old_logprobs`` (None: on-policy; ``clip_against``
+          behavior: ``behavior_logprobs``), ``importance_cap`` against ``behavior_logprobs``, and with ``vopd``
+          the detached per-token reverse KL on the cached top-k (``rest_bucket`` view) as baseline.
+        * topk terms: topk_divergence_loss with ``topk_tail``; ``jsd_beta`` for topk_jsd.
+        * ``token_fraction < 1``: the distillation terms train on that fraction of the response tokens
+          (select_tokens) with the highest student entropy or (``token_select="divergence"``) top-k
+          reverse KL; the sft term and the diagnostics keep every response token. From hidden states
+          this takes one more pass over the chunks, without gradient, for the scores.
+        * ``sft_weight > 0`` adds ``sft_weight * sft`` to a distillation loss; it is ignored for ``"sft"``.
+        """
+        options = self.options
+        if options.top_k is not None:
+            teacher_topk_ids, teacher_topk_logprobs = (None if x is None else x[..., : options.top_k]
+                                                       for x in (teacher_topk_ids, teacher_topk_logprobs))
+        signals = dict(targets=targets, old_logprobs=old_logprobs, behavior_logprobs=behavior_logprobs,
+                       teacher_logprobs=teacher_logprobs, teacher_topk_ids=teacher_topk_ids,
+                       teacher_topk_logprobs=teacher_topk_logprobs)
+        self.check_signals(signals)
+        if options.clip_against == "behavior":
+            signals["old_logprobs"] = behavior_logprobs
+        mask = mask.to(torch.bool)
+        if (student_logits is None) == (hidden is None or lm_head_weight is None):
+            raise ValueError("give student_logits, or hidden and lm_head_weight (not both)")
+        if student_logits is None:
+            return _chunked_loss(self, signals, mask, hidden, lm_head_weight, lm_head_bias, chunk_size)
+        student = self.student(student_logits, signals, mask)
+        train_mask = mask
+        if self.selects:
+            train_mask = select_tokens(self.selection_scores(student), mask, options.token_fraction)
+        return self.losses(student, signals, mask, train_mask, mask.sum(), train_mask.sum())
 
     def check_signals(self, signals: dict[str, Tensor | None]) -> None:
-        if "opd" in self.terms and signals["teacher_logprobs"] is None:
-            raise ValueError(f"loss {self.name!r} needs teacher_logprobs")
-        if self.needs_topk_kl or any(term.startswith("topk_") for term in self.terms):
-            for arg in ("teacher_topk_ids", "teacher_topk_logprobs"):
-                if signals[arg] is None:
-                    raise ValueError(f"loss {self.name!r} with these options needs {arg}")
+        """The teacher signals (and behaviour log-probs) that the loss and its options read are all given."""
+        options, needed = self.options, []
+        if "opd" in options.terms:
+            needed.append("teacher_logprobs")
+        if self.needs_topk_kl or any(term.startswith("topk_") for term in options.terms):
+            needed += ["teacher_topk_ids", "teacher_topk_logprobs"]
+        if options.clip_against == "behavior":
+            if signals["old_logprobs"] is not None:
+                raise ValueError("clip_against behavior takes pi_old from behavior_logprobs: give no old_logprobs")
+            needed.append("behavior_logprobs")
+        for arg in needed:
+            if signals[arg] is None:
+                raise ValueError(f"loss {options.loss!r} with these options needs {arg}")
 
     def student(self, logits: Tensor, signals: dict[str, Tensor | None], mask: Tensor) -> _Student:
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
+        if self.options.temperature != 1.0:
+            logits = logits / self.options.temperature
         # One normaliser shared by every term: the float32 cast of bf16 logits is then
         # made (and saved for backward) once, not once per loss.
         log_z = _log_normalizer(logits)
@@ -391,33 +438,35 @@ class _Objective:
                         student_entropy(logits, log_z), topk_kl)
 
     def selection_scores(self, student: _Student) -> Tensor:
-        return student.entropy if self.token_select == "entropy" else student.topk_kl
+        return student.entropy if self.options.token_select == "entropy" else student.topk_kl
 
     def losses(self, student: _Student, signals: dict[str, Tensor | None], mask: Tensor, train_mask: Tensor,
                n_mask: Tensor, n_train: Tensor) -> dict[str, Tensor]:
-        """compute_loss's dict at these positions; every mean divides by the batch's count (n_mask or n_train)."""
+        """The call's dict at these positions; every mean divides by the batch's count (n_mask or n_train)."""
+        options = self.options
         total = student.logits.new_zeros((), dtype=torch.float32)
         out: dict[str, Tensor] = {}
         teacher_lp = signals["teacher_logprobs"]
-        if "opd" in self.terms:
+        if "opd" in options.terms:
             opd, out["clip_fraction"] = sampled_token_opd_loss(
-                student.logprobs, teacher_lp, train_mask, clip_eps=self.clip_eps,
+                student.logprobs, teacher_lp, train_mask, clip_eps=options.clip_eps,
                 old_logprobs=signals["old_logprobs"], behavior_logprobs=signals["behavior_logprobs"],
-                importance_cap=self.importance_cap, baseline=student.topk_kl if self.vopd else None, count=n_train,
+                importance_cap=options.importance_cap, baseline=student.topk_kl if options.vopd else None,
+                count=n_train,
             )
             total = total + opd
             out["opd"] = opd.detach()
-        for term in self.terms:
+        for term in options.terms:
             if term.startswith("topk_"):
                 per_token = _topk_divergence(student.logits, student.log_z, signals["teacher_topk_ids"],
-                                             signals["teacher_topk_logprobs"], train_mask,
-                                             TOPK_BETA.get(term, self.jsd_beta), self.tail)
+                                             signals["teacher_topk_logprobs"], train_mask, options.beta(term),
+                                             options.topk_tail)
                 value = masked_mean(per_token, train_mask, n_train)
                 total = total + value
                 out[term] = value.detach()
-        if "sft" in self.terms or self.sft_weight > 0:
+        if "sft" in options.terms or options.sft_weight > 0:
             sft = sft_loss(student.logprobs, mask, n_mask)
-            total = total + (sft if self.name == "sft" else self.sft_weight * sft)
+            total = total + (sft if options.loss == "sft" else options.sft_weight * sft)
             out["sft"] = sft.detach()
         out["entropy"] = masked_mean(student.entropy, mask, n_mask)
         if teacher_lp is not None:
@@ -425,77 +474,22 @@ class _Objective:
         return {"loss": total, **out}
 
 
-def compute_loss(
-    name: str,
-    *,
-    student_logits: Tensor | None = None,
-    hidden: Tensor | None = None,
-    lm_head_weight: Tensor | None = None,
-    lm_head_bias: Tensor | None = None,
-    chunk_size: int = 1024,
-    targets: Tensor,
-    mask: Tensor,
-    old_logprobs: Tensor | None = None,
-    behavior_logprobs: Tensor | None = None,
-    teacher_logprobs: Tensor | None = None,
-    teacher_topk_ids: Tensor | None = None,
-    teacher_topk_logprobs: Tensor | None = None,
-    clip_eps: float | None = 0.2,
-    importance_cap: float | None = None,
-    vopd: bool = False,
-    jsd_beta: float = 0.5,
-    tail: str = "renorm_teacher",
-    token_fraction: float = 1.0,
-    token_select: str = "entropy",
-    temperature: float = 1.0,
-    sft_weight: float = 0.0,
-) -> dict[str, Tensor]:
-    """The loss ``name`` (one of LOSSES; ``a+b`` sums terms a and b), with its options.
-
-    The student comes as ``student_logits`` ``[B, T, V]``, or as its final ``hidden`` states ``[B, T, H]``
-    and LM head (``lm_head_weight`` ``[V, H]``, optional ``lm_head_bias`` ``[V]``): then the logits of
-    ``chunk_size`` response (mask) positions at a time are computed, used and freed, and only the masked
-    positions' ever exist; their gradient is taken chunk by chunk during this call (_ChunkedLinearLoss),
-    so peak memory is about ``chunk_size * V``, whatever B * T. Same values and gradients (first order,
-    one backward pass per call).
-
-    Returns ``{"loss": total, <term>: value, ..., "entropy": ..., ...}``; only ``"loss"`` carries a
-    graph, the rest are detached, for logging: each term, ``"clip_fraction"`` (with the opd term),
-    ``"entropy"`` (student, mean over response tokens) and ``"reverse_kl"`` (the sampled-token
-    estimate of KL(pi_theta || pi_T), whenever ``teacher_logprobs`` is given).
-
-    * ``temperature`` divides the student logits in every term; the teacher log-probs stay raw.
-    * opd term: sampled_token_opd_loss with ``clip_eps``, ``old_logprobs`` (None: on-policy),
-      ``importance_cap`` against ``behavior_logprobs``, and with ``vopd`` the detached per-token
-      reverse KL on the cached top-k (``rest_bucket`` view) as baseline.
-    * topk terms: topk_divergence_loss with ``tail``; ``jsd_beta`` for topk_jsd.
-    * ``token_fraction < 1``: the distillation terms train on that fraction of the response tokens
-      (select_tokens) with the highest student entropy or (``token_select="divergence"``) top-k
-      reverse KL; the sft term and the diagnostics keep every response token. From hidden states
-      this takes one more pass over the chunks, without gradient, for the scores.
-    * ``sft_weight > 0`` adds ``sft_weight * sft`` to a distillation loss; it is ignored for ``"sft"``.
-    """
-    objective = _Objective(name, clip_eps, importance_cap, vopd, jsd_beta, tail, token_fraction, token_select,
-                           temperature, sft_weight)
-    signals = dict(targets=targets, old_logprobs=old_logprobs, behavior_logprobs=behavior_logprobs,
-                   teacher_logprobs=teacher_logprobs, teacher_topk_ids=teacher_topk_ids,
-                   teacher_topk_logprobs=teacher_topk_logprobs)
-    objective.check_signals(signals)
-    mask = mask.to(torch.bool)
-    if (student_logits is None) == (hidden is None or lm_head_weight is None):
-        raise ValueError("give student_logits, or hidden and lm_head_weight (not both)")
-    if student_logits is None:
-        return _chunked_loss(objective, signals, mask, hidden, lm_head_weight, lm_head_bias, chunk_size)
-    student = objective.student(student_logits, signals, mask)
-    train_mask = mask
-    if objective.selects:
-        train_mask = select_tokens(objective.selection_scores(student), mask, token_fraction)
-    return objective.losses(student, signals, mask, train_mask, mask.sum(), train_mask.sum())
+OPTIONS = frozenset(f.name for f in dataclasses.fields(ObjectiveConfig)) - {"loss"}
+"""compute_loss's option keywords: ObjectiveConfig's fields."""
 
 
-def _chunked_loss(objective: _Objective, signals: dict[str, Tensor | None], mask: Tensor, hidden: Tensor,
+def compute_loss(name: str, **inputs) -> dict[str, Tensor]:
+    """The loss ``name`` (one of LOSSES; ``a+b`` sums terms a and b) on one batch, built and called once:
+    ``Objective(ObjectiveConfig(loss=name, **options))(**rest)``, where ``options`` are the ``inputs`` named like
+    ObjectiveConfig's fields (clip_eps, topk_tail, temperature, ...) and the rest Objective.__call__'s keywords
+    (the student, targets, mask and the teacher signals). A training loop builds its Objective once instead."""
+    options = {key: inputs.pop(key) for key in list(inputs) if key in OPTIONS}
+    return Objective(ObjectiveConfig(loss=name, **options))(**inputs)
+
+
+def _chunked_loss(objective: Objective, signals: dict[str, Tensor | None], mask: Tensor, hidden: Tensor,
                   weight: Tensor, bias: Tensor | None, chunk_size: int) -> dict[str, Tensor]:
-    """compute_loss from hidden states: the masked positions' rows, ``chunk_size`` of them at a time."""
+    """The objective from hidden states: the masked positions' rows, ``chunk_size`` of them at a time."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows = mask.flatten().nonzero().squeeze(1)
@@ -515,7 +509,7 @@ def _chunked_loss(objective: _Objective, signals: dict[str, Tensor | None], mask
         with torch.no_grad():
             scores = [objective.selection_scores(student_at(F.linear(flat[rows[chunk]], weight, bias), chunk)[0])
                       for chunk in chunks]
-        train = select_tokens(torch.cat(scores), everywhere, objective.token_fraction)
+        train = select_tokens(torch.cat(scores), everywhere, objective.options.token_fraction)
     n_mask, n_train = everywhere.sum(), train.sum()
 
     def losses_at(logits: Tensor, chunk: slice) -> dict[str, Tensor]:

@@ -23,68 +23,51 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from pipeline import losses, progress
-from pipeline.config import OpdConfig, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.data import ShardedData
 
 log = logging.getLogger(__name__)
 
 
 class DistillModule(L.LightningModule):
-    """A causal LM trained with one of pipeline.losses.LOSSES on collated batches."""
+    """A causal LM trained on collated batches with its config's objective (pipeline.losses.Objective)."""
 
-    def __init__(self, model, cfg: TrainConfig, loss: str = "sft"):
+    def __init__(self, model, cfg: TrainConfig, loss: str | None = None):
+        """``loss`` (one of pipeline.losses.LOSSES) in place of the config's own: opd.loss, or sft for a TrainConfig."""
         super().__init__()
-        self.model, self.cfg, self.loss_name = model, cfg, loss
+        self.model, self.cfg = model, cfg
+        self.objective = losses.Objective(cfg.objective(loss))
         self._tokens, self._t0 = 0, None
+        if cfg.loss_chunk_tokens:  # the chunked loss applies the LM head's weight and bias, nothing more
+            config = model.config
+            if any(getattr(config, key, None) not in (None, 1.0)
+                   for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+                raise ValueError(f"{config.model_type} transforms its LM head's output: train with loss_chunk_tokens 0")
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
-        """compute_loss's dict for a collated batch. Called as self(batch), so that under FSDP2 this module,
+        """The objective's dict for a collated batch. Called as self(batch), so that under FSDP2 this module,
         the root of the sharding (configure_model), has its parameters (embeddings, final norm, LM head)
         gathered for it, and the chunked loss reads the whole LM head."""
-        cfg = self.cfg
         # Packed batches (pipeline.data.collate) come with position_ids and no attention_mask, from which
         # transformers builds attention within each sequence, but only without a KV cache: use_cache off.
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
         inputs["use_cache"] = False
-        if cfg.loss_chunk_tokens:
+        if self.cfg.loss_chunk_tokens:
             # The loss makes the logits of loss_chunk_tokens response positions at a time: never [B, T, V].
-            config = self.model.config
-            if any(getattr(config, key, None) not in (None, 1.0)
-                   for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
-                raise ValueError(f"{config.model_type} transforms its LM head's output: train with loss_chunk_tokens 0")
             head = self.model.get_output_embeddings()
             student = dict(hidden=self.model.base_model(**inputs).last_hidden_state, lm_head_weight=head.weight,
-                           lm_head_bias=head.bias, chunk_size=cfg.loss_chunk_tokens)
+                           lm_head_bias=head.bias, chunk_size=self.cfg.loss_chunk_tokens)
         else:
             student = dict(student_logits=self.model(**inputs).logits)
-        topk_ids, topk_lp = batch.get("teacher_topk_ids"), batch.get("teacher_topk_logprobs")
-        options = {}  # the SFT stages train with compute_loss's defaults
-        if isinstance(cfg, OpdConfig):
-            if cfg.top_k is not None and topk_ids is not None:
-                topk_ids, topk_lp = topk_ids[..., : cfg.top_k], topk_lp[..., : cfg.top_k]
-            options = dict(
-                clip_eps=cfg.clip_eps,
-                old_logprobs=batch.get("behavior_logprobs") if cfg.clip_against == "behavior" else None,
-                importance_cap=cfg.importance_cap,
-                vopd=cfg.vopd,
-                jsd_beta=cfg.jsd_beta,
-                tail=cfg.topk_tail,
-                token_fraction=cfg.token_fraction,
-                token_select=cfg.token_select,
-                temperature=cfg.temperature,
-                sft_weight=cfg.sft_weight,
-            )
         # the loss, each term, clip_fraction, entropy and reverse_kl, all logged by training_step
-        return losses.compute_loss(
-            self.loss_name,
+        return self.objective(
             **student,
             targets=batch["targets"],
             mask=batch["mask"],
             behavior_logprobs=batch.get("behavior_logprobs"),
             teacher_logprobs=batch.get("teacher_logprobs"),
-            teacher_topk_ids=topk_ids,
-            teacher_topk_logprobs=topk_lp,
-            **options,
+            teacher_topk_ids=batch.get("teacher_topk_ids"),
+            teacher_topk_logprobs=batch.get("teacher_topk_logprobs"),
         )
 
     def training_step(self, batch, batch_idx):

@@ -77,3 +77,64 @@ def crash_at_step(monkeypatch):
         monkeypatch.setattr(training.DistillModule, "training_step", crash)
 
     return arm
+
+
+# --- the loss tests' shared builders and references (tests/test_losses_*.py) ---------------------
+
+B, T, V = 2, 3, 5
+"""Sequences, positions and vocabulary of the loss tests' small batches."""
+
+
+@pytest.fixture
+def gen():
+    """The loss tests' seeded generator (one per test, shared with the fixtures that build from it)."""
+    import torch
+
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def mask():
+    """A ``[B, T]`` response mask: three of the six positions."""
+    import torch
+
+    return torch.tensor([[True, True, False], [True, False, False]])
+
+
+@pytest.fixture
+def make_teacher(gen):
+    """``make_teacher(k=2, dtype=float64)``: a random teacher's full ``[B, T, V]`` log-probs, its top-k ids and
+    log-probs, drawn from ``gen``."""
+    import torch
+
+    def make(k=2, dtype=torch.float64):
+        full = torch.log_softmax(torch.randn(B, T, V, generator=gen, dtype=dtype), -1)
+        top_lp, top_ids = full.topk(k, -1)
+        return full, top_ids, top_lp
+
+    return make
+
+
+def ref_divergence(p, q, beta):
+    """Generalized JSD over the last dim from probabilities (0 log 0 = 0), written independently of the library."""
+    import torch
+
+    def kl(a, b):
+        return (torch.special.xlogy(a, a) - torch.special.xlogy(a, b)).sum(-1)
+    if beta == 0:
+        return kl(p, q)
+    if beta == 1:
+        return kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+
+def rest_bucket_reverse_kl(student_logits, top_ids, top_logp):
+    """KL(q || p) per position on (k cached ids, rest), both sides' rest = 1 - sum of their top-k."""
+    import torch
+
+    q = torch.softmax(student_logits.double(), -1).gather(-1, top_ids)
+    p = top_logp.double().exp()
+    q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
+    p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)
+    return ref_divergence(p, q, 1.0)
