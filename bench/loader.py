@@ -108,8 +108,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from pipeline import data, losses, models, toy_task
-    from pipeline.config import ModelsConfig
     from pipeline.cache import open_cache
+    from pipeline.config import ModelsConfig
 
     tokenizer = toy_task.build_tokenizer()
     student = models.build_toy_model(ModelsConfig().toy_student, tokenizer, seed=0)

@@ -31,8 +31,17 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.seeds import (Params, load_params, means, prepare_seed, print_table, run_stages, seed_args,  # noqa: E402
-                         stage_commands, stds)
+from bench.seeds import (  # noqa: E402
+    Params,
+    load_params,
+    means,
+    prepare_seed,
+    print_table,
+    run_stages,
+    seed_args,
+    stage_commands,
+    stds,
+)
 
 B_STAGES = ("teacher_logprobs", "opd", "evaluate")
 """The stages run again with teacher B, once it is chosen: its cache of A's rollouts, OPD on that cache, evaluation."""

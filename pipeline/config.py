@@ -622,10 +622,10 @@ def field_docs(cls) -> dict[str, str]:
     docs = {}
     for klass in reversed(cls.__mro__[:-1]):
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        for field, doc in zip(body, body[1:]):
-            if (isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)
+        for node, doc in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)
                     and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
-                docs[field.target.id] = " ".join(doc.value.value.split())
+                docs[node.target.id] = " ".join(doc.value.value.split())
     return docs
 
 
@@ -634,9 +634,9 @@ def describe_section(name: str) -> str:
     cls = SECTIONS[name]
     docs = field_docs(cls)
     lines = [f"  {name}:"]
-    for field in dataclasses.fields(cls):
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        lines.append(f"    {field.name} = {default!r}" + (f"  # {docs[field.name]}" if field.name in docs else ""))
+    for spec in dataclasses.fields(cls):
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        lines.append(f"    {spec.name} = {default!r}" + (f"  # {docs[spec.name]}" if spec.name in docs else ""))
     return "\n".join(lines)
 
 

@@ -9,8 +9,6 @@ tests/test_server.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import hashlib
 import json
 import os
@@ -18,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch

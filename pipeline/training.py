@@ -24,7 +24,6 @@ from torch.distributed.tensor import DTensor
 
 from pipeline import losses, progress
 from pipeline.config import TrainConfig
-from pipeline.data import ShardedData
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import pyarrow as pa
 from data_schemas import sft_samples
 from pipeline import cli, engines, models, shards
 from pipeline.config import EngineConfig, SamplingConfig, load_section
-from pipeline.provenance import stage_provenance
 from pipeline.prompts import prompts_sha256, read_chat, read_split
+from pipeline.provenance import stage_provenance
 
 log = logging.getLogger("sft_data")
 

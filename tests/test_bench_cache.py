@@ -7,8 +7,24 @@ import numpy as np
 import pytest
 
 from bench.cache import (
-    BETAS, LAYOUTS, LOSSY_STEP, TOPIC_SIZE, V, Layout, bit_deltas, dequantise, draw_positions, from_bit_deltas, id_gaps,
-    ids_from_gaps, make_vocab, measure, quantise, round_trip_error, score_positions, synthetic_cache,
+    BETAS,
+    LAYOUTS,
+    LOSSY_STEP,
+    TOPIC_SIZE,
+    Layout,
+    V,
+    bit_deltas,
+    dequantise,
+    draw_positions,
+    from_bit_deltas,
+    id_gaps,
+    ids_from_gaps,
+    make_vocab,
+    measure,
+    quantise,
+    round_trip_error,
+    score_positions,
+    synthetic_cache,
 )
 
 

@@ -317,8 +317,8 @@ def test_a_student_with_a_smaller_vocabulary_is_refused_at_scoring_and_at_opd(ru
 
 
 def test_cache_shards_of_another_k_are_refused(run_copy, tmp_path):
-    from stages import teacher_logprobs
     from pipeline.cache import open_cache
+    from stages import teacher_logprobs
 
     cfg = section("teacher_logprobs")
     cfg.top_k = 3

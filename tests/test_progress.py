@@ -90,7 +90,7 @@ def test_training_logs_progress_and_a_model_stage_prints_its_summary(tiny_run, t
 def test_on_a_terminal_bars_are_drawn_instead(tmp_path, capsys, monkeypatch):
     """What CI never sees: the engines' tqdm bar, and Lightning's own bar (rich or tqdm, with tokens/s) in training."""
     from pipeline import data, models, toy_task, training
-    from pipeline.config import TrainConfig, ToyModelConfig
+    from pipeline.config import ToyModelConfig, TrainConfig
 
     with progress.Progress("generate", 4, "sequences", tty=True) as shown:
         shown.update(3, tokens=30)

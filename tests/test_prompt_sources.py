@@ -14,8 +14,17 @@ from data_schemas import SchemaError
 from data_schemas import prompts as prompts_schema
 from data_schemas import rollouts as rollouts_schema
 from pipeline import models, shards, toy_task
-from pipeline.config import (ChatConfig, ConfigError, EngineConfig, PromptsConfig, PromptSplitsConfig, SamplingConfig,
-                             TaskConfig, ToyModelConfig, from_dict)
+from pipeline.config import (
+    ChatConfig,
+    ConfigError,
+    EngineConfig,
+    PromptsConfig,
+    PromptSplitsConfig,
+    SamplingConfig,
+    TaskConfig,
+    ToyModelConfig,
+    from_dict,
+)
 from pipeline.prompts import read_chat
 from stages import prompts, rollouts
 

@@ -11,8 +11,8 @@ from data_schemas import rollouts as rollouts_schema
 from data_schemas import teacher_cache
 from pipeline import models, shards, training
 from pipeline.config import ConfigError, OpdConfig, from_dict
-from stages import opd
 from pipeline.prompts import read_split
+from stages import opd
 from tests.conftest import section
 
 

@@ -11,9 +11,12 @@ from data_schemas import (
     SchemaError,
     check_metadata,
     conform,
+    prompts,
+    rollouts,
+    sft_samples,
+    teacher_cache,
     validate,
 )
-from data_schemas import prompts, rollouts, sft_samples, teacher_cache
 from tests.tables import cache_table, prompts_table, rollouts_table, sft_table
 
 PATH = "/data/example/part-00000.parquet"

@@ -6,12 +6,10 @@ import logging
 import os
 
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_schemas import SCHEMA_KEY, VERSION_KEY, SchemaError
-from data_schemas import prompts, rollouts, sft_samples, teacher_cache
+from data_schemas import SCHEMA_KEY, VERSION_KEY, SchemaError, prompts, rollouts, sft_samples, teacher_cache
 from pipeline import shards
 from pipeline.shards import (
     list_shards,
@@ -23,6 +21,7 @@ from pipeline.shards import (
     write_shard,
 )
 from tests.tables import cache_table, prompts_table, rollouts_table, sft_table
+
 PROVENANCE = {"teacher": {"model": "toy-teacher", "sha256": "abc"}, "k": 2, "temperature": 0.7}
 
 

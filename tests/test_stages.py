@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from data_schemas import SchemaError, prompts as prompts_schema, rollouts as rollouts_schema
-from data_schemas import sft_samples, teacher_cache
+from data_schemas import SchemaError, sft_samples, teacher_cache
+from data_schemas import prompts as prompts_schema
+from data_schemas import rollouts as rollouts_schema
 from pipeline import models, shards, toy_task
 from pipeline.config import ConfigError
 from tests.conftest import ROOT, TINY_PARAMS, section

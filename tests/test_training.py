@@ -275,7 +275,7 @@ def test_training_sees_each_epoch_of_the_sampler_once_in_order(tmp_path, monkeyp
     """Across epoch boundaries the batches are exactly the sampler's epochs 0, 1, 2, ... (a dataloader
     reloaded or re-iterated by Lightning must not skip or repeat an epoch's order)."""
     from pipeline import data, models, toy_task, training
-    from pipeline.config import TrainConfig, ToyModelConfig
+    from pipeline.config import ToyModelConfig, TrainConfig
 
     tokenizer = toy_task.build_tokenizer()
     rows = [{"prompt_ids": [1, 3 + i % 7], "response_ids": [3 + i % 11, 2]} for i in range(40)]

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from data_schemas import rollouts as rollouts_schema
 from data_schemas import PROVENANCE_KEY, teacher_cache
+from data_schemas import rollouts as rollouts_schema
 from pipeline import engines, shards
 from pipeline.config import EngineConfig
 from tests.conftest import ROOT, TINY_PARAMS
