@@ -26,6 +26,7 @@ from pipeline.config import (
     from_dict,
 )
 from pipeline.prompts import read_chat
+from pipeline.provenance import code_sha256
 from stages import prompts, rollouts
 
 TINY_TASK = TaskConfig(n_digits=2, teacher_train_prompts=200, sft_prompts=24, opd_prompts=20, eval_prompts=10, seed=0)
@@ -78,7 +79,8 @@ def test_toy_prompts_are_unchanged(tmp_path):
     rows, provenance = table_rows(tmp_path / "p")
     assert hashlib.sha256(json.dumps(rows).encode()).hexdigest() == \
         "5d44a70b9e65e7b91a5b22d413996d38ee916cc153e520c3a57644845cd03ca7"
-    assert provenance == {"stage": "prompts", "task": "toy_addition", "config": vars(TINY_TASK)}
+    assert provenance == {"stage": "prompts", "code_sha256": code_sha256("prompts"), "task": "toy_addition",
+                          "config": vars(TINY_TASK)}
 
 
 def test_jsonl_source_gives_disjoint_seeded_splits(tmp_path):
