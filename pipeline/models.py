@@ -94,11 +94,11 @@ def check_prompt_lengths(prompts: list[dict], encoded: list[list[int]], key: str
     limit = getattr(model_config(model_dir), "max_position_embeddings", None)
     for row, (prompt, ids) in enumerate(zip(prompts, encoded)):
         if limit and len(ids) + max_new_tokens > limit:
+            fix = (f"set prompts.max_prompt_tokens to at most {limit - max_new_tokens} (the prompts stage then drops "
+                   f"longer prompts) or lower {key}" if max_new_tokens < limit else f"lower {key} below {limit}")
             raise ConfigError(
                 f"{prompts_dir}: prompt {row} of the split (prompt_id {prompt['prompt_id']!r}) has {len(ids)} tokens; "
-                f"with {key} {max_new_tokens} that exceeds the {limit} positions of {model_dir}. Fix: set "
-                f"prompts.max_prompt_tokens to at most {limit - max_new_tokens} (the prompts stage then drops longer "
-                f"prompts) or lower {key}")
+                f"with {key} {max_new_tokens} that exceeds the {limit} positions of {model_dir}. Fix: {fix}")
 
 
 def load_tokenizer(model_dir):

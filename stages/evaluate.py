@@ -70,14 +70,17 @@ def run(cfg: EvaluateConfig, engine_cfg: EngineConfig, models_dir: Path, sft_mod
     if unanswered:
         raise ValueError(f"{prompts_dir}: {unanswered} of {len(prompts)} eval prompts have no reference answer, "
                          f"which the verifier needs; use a prompt source with answers for the eval split")
+    evaluated = dict(zip(ROLES, (models.read_manifest(models_dir)["teacher"]["path"], sft_model, control_model,
+                                 opd_model)))
+    for model_dir in evaluated.values():  # before any model answers, as rollouts and sft_data check theirs
+        tokenizer = models.load_tokenizer(model_dir)
+        models.check_prompt_lengths(prompts, [models.encode_prompt(tokenizer, r["prompt"], chat) for r in prompts],
+                                    "evaluate.max_new_tokens", cfg.max_new_tokens, model_dir, prompts_dir)
     metrics = {
         "n_prompts": len(prompts),
         # only when sampling, so greedy runs keep the file as it always was
         **({"n_samples": cfg.n_samples} if cfg.n_samples > 1 else {}),
-        "teacher": accuracy(models.read_manifest(models_dir)["teacher"]["path"], prompts, cfg, engine_cfg, chat),
-        "sft_student": accuracy(sft_model, prompts, cfg, engine_cfg, chat),
-        "control": accuracy(control_model, prompts, cfg, engine_cfg, chat),
-        "opd_student": accuracy(opd_model, prompts, cfg, engine_cfg, chat),
+        **{role: accuracy(model_dir, prompts, cfg, engine_cfg, chat) for role, model_dir in evaluated.items()},
     }
     metrics["teacher_mismatch_allowed"] = models.read_provenance(opd_model)["teacher_mismatch_allowed"]
     out.parent.mkdir(parents=True, exist_ok=True)
