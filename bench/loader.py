@@ -54,7 +54,8 @@ def write_synthetic(out: Path, args, vocab: int) -> None:
         lps = [np.sort(-rng.exponential(2.0, (args.response_len, args.k)), axis=1)[:, ::-1].astype(np.float16)
                for _ in range(n)]
         cache = pa.table({**keys,
-                          "teacher_token_logprobs": [(-rng.random(args.response_len)).astype(np.float32) for _ in range(n)],
+                          "teacher_token_logprobs": [(-rng.random(args.response_len)).astype(np.float32)
+                                                     for _ in range(n)],
                           "teacher_topk_ids": teacher_cache.topk_column(ids, pa.int32(), args.k),
                           "teacher_topk_logprobs": teacher_cache.topk_column(lps, pa.float16(), args.k)})
         shards.write_shard(out / "cache", index, cache, teacher_cache,
@@ -139,7 +140,8 @@ def main() -> None:
             start = time.perf_counter()
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         out = losses.compute_loss("topk_fkl", student_logits=logits, targets=batch["targets"], mask=batch["mask"],
-                                  teacher_logprobs=batch["teacher_logprobs"], teacher_topk_ids=batch["teacher_topk_ids"],
+                                  teacher_logprobs=batch["teacher_logprobs"],
+                                  teacher_topk_ids=batch["teacher_topk_ids"],
                                   teacher_topk_logprobs=batch["teacher_topk_logprobs"])
         out["loss"].backward()
         opt.step()

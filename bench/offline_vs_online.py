@@ -1,6 +1,7 @@
-"""Offline OPD, periodic refresh and standard online OPD on the embedded task: accuracy and wall time.
+r"""Offline OPD, periodic refresh and standard online OPD on the embedded task: accuracy and wall time.
 
-    python bench/offline_vs_online.py --seeds 0 1 2 [--params params.yaml] [--set section.key=value ...] [--root runs/seeds]
+    python bench/offline_vs_online.py --seeds 0 1 2 [--params params.yaml] [--set section.key=value ...] \
+        [--root runs/seeds]
 
 Per seed, the pipeline up to the teacher cache runs once (bench/seeds.py; its runs under the same
 --root are reused). Then the opd stage runs once per setting, all with the same number of student

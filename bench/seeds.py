@@ -97,7 +97,8 @@ def stage_key(cmd: list[str], upstream: str) -> dict:
     module = cmd[cmd.index("-m") + 1] if "-m" in cmd else ""
     sections = stage_sections(module.removeprefix("stages.")) if module else []  # none: not a stage, all of it
     read = {section: params.get(section) for section in sections} if sections else params
-    return {"command": shlex.join(cmd), "params_sha256": hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest(),
+    return {"command": shlex.join(cmd),
+            "params_sha256": hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest(),
             "upstream": upstream}
 
 

@@ -1,6 +1,7 @@
-"""Teacher consistency: OPD scored by the teacher that wrote the SFT data (A) versus by another teacher (B).
+r"""Teacher consistency: OPD scored by the teacher that wrote the SFT data (A) versus by another teacher (B).
 
-    python bench/teacher_consistency.py --seeds 0 1 2 3 4 [--params params.yaml] [--set section.key=value ...] [--root runs/seeds]
+    python bench/teacher_consistency.py --seeds 0 1 2 3 4 [--params params.yaml] [--set section.key=value ...] \
+        [--root runs/seeds]
 
 The paper's key condition, tested: per seed, the whole pipeline runs with teacher A (bench/seeds.py's
 run, reused when it is already done under the same --root). Teacher B is trained by the `models` stage

@@ -115,7 +115,8 @@ def _check_columns(found: pa.Schema, expected: pa.Schema, artefact, path) -> Non
         raise SchemaError(f"{path}: column(s) {duplicated} appear more than once. Fix: {_fix_hint(artefact)}.", path)
 
 
-def _type_error(path, column: str, expected: pa.DataType, found: pa.DataType, artefact, detail: str = "") -> SchemaError:
+def _type_error(path, column: str, expected: pa.DataType, found: pa.DataType, artefact,
+                detail: str = "") -> SchemaError:
     return SchemaError(
         f"{path}: column '{column}': expected type {expected}, found {found}{detail}. Fix: {_fix_hint(artefact)}.",
         path,

@@ -48,7 +48,8 @@ def stage_args(stage: str, doc: str, argv, *paths: str, sharded: bool = False,
                                  "(dvc.yaml passes it: dvc reruns a stage when its inputs changed)")
     if sharded:
         parser.add_argument("--shard", type=int, default=0, help="this worker's index (default: 0)")
-        parser.add_argument("--num-shards", type=int, default=1, help="number of workers sharing the output (default: 1)")
+        parser.add_argument("--num-shards", type=int, default=1,
+                            help="number of workers sharing the output (default: 1)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     args = parser.parse_args(argv)
     progress.quiet_library_bars()
@@ -82,7 +83,8 @@ def sections_read(stage: str) -> set[str]:
         if path.parent.name != "stages":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "load_section"
+            if (isinstance(node, ast.Call)
+                    and getattr(node.func, "id", getattr(node.func, "attr", None)) == "load_section"
                     and node.args and isinstance(node.args[0], ast.Constant)):
                 found.add(node.args[0].value)
     return found

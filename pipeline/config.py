@@ -420,7 +420,8 @@ class ObjectiveConfig:
                 "opd.clip_against behavior makes the PPO ratio pi_theta/mu the off-policy weight: it needs clip_eps "
                 "and excludes importance_cap (which would weight by pi_theta/mu a second time)"
             )
-        if self.topk_tail == "renorm_teacher" and any(self.beta(term) == 1 for term in self.terms if term in TOPK_BETAS):
+        if (self.topk_tail == "renorm_teacher"
+                and any(self.beta(term) == 1 for term in self.terms if term in TOPK_BETAS)):
             raise ConfigError(
                 "opd.topk_tail renorm_teacher makes the reverse KL (topk_rkl, or topk_jsd at jsd_beta 1) infinite "
                 "once the student has mass outside the teacher's k; use renorm_both or rest_bucket"
@@ -493,7 +494,8 @@ class EvaluateConfig:
         if self.verifier not in VERIFIERS:
             raise ConfigError(f"evaluate.verifier must be one of {VERIFIERS}, got {self.verifier!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"evaluate: need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+            raise ConfigError(f"evaluate: need temperature >= 0 and 0 < top_p <= 1, "
+                              f"got {self.temperature}, {self.top_p}")
         if self.n_samples > 1 and self.temperature == 0:
             raise ConfigError(f"evaluate.n_samples {self.n_samples} needs temperature > 0: greedy decoding gives "
                               f"{self.n_samples} identical responses")

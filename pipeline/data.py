@@ -61,7 +61,8 @@ class ShardedRows(Dataset):
         if shard not in self._loaded:
             rows = self.load_shard(shard)
             if len(rows) != self.shard_sizes[shard]:
-                raise RuntimeError(f"shard {shard} changed while training: {len(rows)} rows, expected {self.shard_sizes[shard]}")
+                raise RuntimeError(f"shard {shard} changed while training: {len(rows)} rows, "
+                                   f"expected {self.shard_sizes[shard]}")
             self._loaded[shard] = rows
             while len(self._loaded) > self.capacity:
                 self._loaded.popitem(last=False)

@@ -99,8 +99,9 @@ def code_meaning(source: str) -> str:
 @functools.cache  # the code does not change while a process runs (OPD refresh rounds ask every round)
 def code_sha256(stage: str) -> str:
     """sha256 of the code that computes stage `stage`'s values (module docstring: the rule)."""
-    return shards.listing_sha256((str(f.relative_to(ROOT)), hashlib.sha256(code_meaning(f.read_text()).encode()).hexdigest())
-                          for f in stage_files(stage))
+    return shards.listing_sha256((str(f.relative_to(ROOT)),
+                                  hashlib.sha256(code_meaning(f.read_text()).encode()).hexdigest())
+                                 for f in stage_files(stage))
 
 
 def stage_provenance(stage: str, config=None, engine: str | None = None, **fields) -> dict:

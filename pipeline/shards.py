@@ -33,8 +33,10 @@ SHARD_TEMPLATE = "part-{:05d}.parquet"  # zero-padded so shards sort in order an
 # Parquet layout, chosen by bench/cache.py (teacher cache at V = 151,936, k = 64: 3.53 bytes per
 # top-k entry with pyarrow's defaults, 2.74 with these, float16 log-probs and int32 ids exact).
 COMPRESSION = "zstd"  # better ratio than snappy at similar decode speed; pyarrow and polars both read it
-COMPRESSION_LEVEL = 9  # level 1 -> 3 -> 9: 3.12 -> 2.94 -> 2.80 bytes/entry; writes ~3x slower than 1, still far from the bottleneck
-FLOAT_ENCODING = "BYTE_STREAM_SPLIT"  # floats' bytes grouped by significance: log-probs 1.64 -> 1.16 bytes/entry, ~5x faster float16 decode than dictionary
+# level 1 -> 3 -> 9: 3.12 -> 2.94 -> 2.80 bytes/entry; writes ~3x slower than 1, still far from the bottleneck
+COMPRESSION_LEVEL = 9
+# floats' bytes grouped by significance: log-probs 1.64 -> 1.16 bytes/entry, ~5x faster float16 decode than dictionary
+FLOAT_ENCODING = "BYTE_STREAM_SPLIT"
 DATA_PAGE_SIZE = 8 << 20  # zstd compresses each page alone; bigger pages give it more history (2.80 -> 2.74)
 # Readers stream one row group at a time; size is flat from ~25k tokens a group (64 rows of the bench)
 # up, and a 4k-token row with top-64 is ~1.5 MB, so 256 rows keep a group within a few hundred MB.
@@ -274,7 +276,8 @@ def write_shard(directory, index: int, table: pa.Table, artefact, provenance: di
         path.parent.mkdir(parents=True, exist_ok=True)
         write_parquet(table, temp)
         if path.exists() and not replace:
-            raise FileExistsError(f"{path} appeared while it was being written: another process wrote it; keeping theirs.")
+            raise FileExistsError(f"{path} appeared while it was being written: another process wrote it; "
+                                  "keeping theirs.")
         os.replace(temp, path)
         _fsync_directory(path.parent)
     except BaseException as error:
@@ -349,9 +352,11 @@ def _provenance(schema: pa.Schema, artefact, path) -> dict:
     try:
         provenance = json.loads(raw)
     except ValueError as error:
-        raise SchemaError(f"{path}: provenance metadata is not valid JSON ({error}). Fix: delete it and rerun {artefact.PRODUCED_BY}.", path) from error
+        raise SchemaError(f"{path}: provenance metadata is not valid JSON ({error}). "
+                          f"Fix: delete it and rerun {artefact.PRODUCED_BY}.", path) from error
     if not isinstance(provenance, dict):
-        raise SchemaError(f"{path}: provenance metadata must be a JSON object, found {type(provenance).__name__}.", path)
+        raise SchemaError(f"{path}: provenance metadata must be a JSON object, "
+                          f"found {type(provenance).__name__}.", path)
     return provenance
 
 

@@ -1,6 +1,7 @@
-"""The equal-compute control: the SFT student trained further on the teacher's answers to the OPD prompts.
+r"""The equal-compute control: the SFT student trained further on the teacher's answers to the OPD prompts.
 
-    python -m stages.control --params params.yaml --sft-model models/sft --control-data data/control_sft --out models/control
+    python -m stages.control --params params.yaml --sft-model models/sft --control-data data/control_sft \
+        --out models/control
 
 Cross-entropy on the teacher's answers (stages/control_data.py) with the training settings of the `opd`
 section (steps, batch size, learning rate and schedule, seed): as many updates of as many sequences as

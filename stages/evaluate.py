@@ -1,6 +1,8 @@
-"""Held-out accuracy of the teacher, the SFT student, the control and the OPD student, as a DVC metrics file.
+r"""Held-out accuracy of the teacher, the SFT student, the control and the OPD student, as a DVC metrics file.
 
-    python -m stages.evaluate --params params.yaml --models models/base --sft-model models/sft --control-model models/control --opd-model models/opd --prompts data/prompts --out metrics/eval.json --chart metrics/accuracy.json
+    python -m stages.evaluate --params params.yaml --models models/base --sft-model models/sft \
+        --control-model models/control --opd-model models/opd --prompts data/prompts \
+        --out metrics/eval.json --chart metrics/accuracy.json
 
 Each model answers every `eval` prompt greedily, or `evaluate.n_samples` times with sampling; the
 verifier named by `evaluate.verifier` checks each response against the prompt's reference answer
@@ -95,7 +97,8 @@ def run(cfg: EvaluateConfig, engine_cfg: EngineConfig, models_dir: Path, sft_mod
 
 
 def main(argv=None):
-    args = cli.stage_args("evaluate", __doc__, argv, "models", "sft_model", "control_model", "opd_model", "prompts", "out", "chart")
+    args = cli.stage_args("evaluate", __doc__, argv, "models", "sft_model", "control_model", "opd_model", "prompts",
+                          "out", "chart")
     params = args.params
     cfg = load_section("evaluate", params)
     metrics = run(cfg, load_section("engine", params), args.models, args.sft_model, args.control_model, args.opd_model,

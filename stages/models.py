@@ -3,7 +3,8 @@
     python -m stages.models --params params.yaml --prompts data/prompts --out models/base
 
 With `models.teacher: toy` the teacher is a small Llama-style model trained here on the task's
-reference answers, written in the notation `models.teacher_style` (the toy task's two valid ways); with `models.student: toy` the student is a smaller one, freshly initialised.
+reference answers, written in the notation `models.teacher_style` (the toy task's two valid ways);
+with `models.student: toy` the student is a smaller one, freshly initialised.
 Otherwise each is a local model directory or a hub id, resolved and recorded with content hashes.
 `manifest.json` in the output says where each model lives; later stages read only it.
 """

@@ -1,6 +1,8 @@
-"""Offline on-policy distillation: train the SFT student against the cached teacher signal only.
+r"""Offline on-policy distillation: train the SFT student against the cached teacher signal only.
 
-    python -m stages.opd --params params.yaml --sft-model models/sft --rollouts data/rollouts --teacher-cache data/teacher_cache --models models/base --prompts data/prompts --rounds data/opd_rounds --out models/opd
+    python -m stages.opd --params params.yaml --sft-model models/sft --rollouts data/rollouts \
+        --teacher-cache data/teacher_cache --models models/base --prompts data/prompts \
+        --rounds data/opd_rounds --out models/opd
 
 No teacher is loaded: the loss (opd.loss) uses the teacher log-probs and top-k stored by the
 teacher_logprobs stage. With `opd.refresh_every: N` training runs in rounds of N optimizer steps:
@@ -8,7 +10,8 @@ round 0 trains on that offline cache; before each later round the current studen
 prompts and the teacher scores them (the rollouts and teacher_logprobs stages' code and params), the
 new shards are written under `--rounds` as `round-<r>/{rollouts,teacher_cache}` with full
 provenance, and training moves on to them. N = 1 is standard online OPD. A killed run resumes from
-the last finished round (or the last checkpoint) and writes exactly what an uninterrupted run does. Training refuses a cache scored by another teacher than the one that wrote
+the last finished round (or the last checkpoint) and writes exactly what an uninterrupted run does.
+Training refuses a cache scored by another teacher than the one that wrote
 the SFT data (the paper's teacher-consistency condition), a teacher whose tokenizer differs from the
 student's, a cache of other rollouts, and a top_k above the cache's k.
 """
@@ -133,8 +136,10 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
     batches = data.RoundsData(rounds.rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed, cfg.steps_per_round)
     start = time.perf_counter()
     try:
-        training.train(model, batches, cfg, out / "logs", loss=cfg.loss, checkpoint_dir=training.checkpoint_dir_for(out),
-                       fingerprint=training.inputs_fingerprint(cfg, models.weights_hash(sft_model), [rollouts_dir, cache_dir]),
+        training.train(model, batches, cfg, out / "logs", loss=cfg.loss,
+                       checkpoint_dir=training.checkpoint_dir_for(out),
+                       fingerprint=training.inputs_fingerprint(cfg, models.weights_hash(sft_model),
+                                                               [rollouts_dir, cache_dir]),
                        reload_every_epoch=True)
     finally:
         rounds.close()
@@ -179,7 +184,8 @@ def _remove_rounds_beyond(rounds_dir: Path, num_rounds: int) -> None:
 
 
 def main(argv=None):
-    args = cli.stage_args("opd", __doc__, argv, "sft_model", "rollouts", "teacher_cache", "models", "prompts", "rounds", "out")
+    args = cli.stage_args("opd", __doc__, argv, "sft_model", "rollouts", "teacher_cache", "models", "prompts",
+                          "rounds", "out")
     params = args.params
     refresh = Refresh(load_section("rollouts", params), load_section("teacher_logprobs", params),
                       load_section("engine", params), args.models, args.prompts)

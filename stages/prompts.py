@@ -103,7 +103,8 @@ def _jsonl_records(path: Path, bad: BadRows) -> Iterator[tuple[str, dict]]:
                 text = raw.decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not part of the row
             except UnicodeDecodeError as error:
                 found = f"byte {raw[error.start]:#04x} at byte {error.start}"
-                bad.add("invalid_utf8", where, None, "UTF-8 text", found, "re-encode the file as UTF-8 (iconv -t UTF-8)")
+                bad.add("invalid_utf8", where, None, "UTF-8 text", found,
+                        "re-encode the file as UTF-8 (iconv -t UTF-8)")
                 continue
             if not text.strip():
                 continue  # blank lines (a trailing one, say) hold no row

@@ -1,6 +1,7 @@
-"""The teacher scores the rollouts once; its log-probs are cached in Parquet shards for OPD.
+r"""The teacher scores the rollouts once; its log-probs are cached in Parquet shards for OPD.
 
-    python -m stages.teacher_logprobs --params params.yaml --models models/base --rollouts data/rollouts --out data/teacher_cache
+    python -m stages.teacher_logprobs --params params.yaml --models models/base --rollouts data/rollouts \
+        --out data/teacher_cache
 
 Cache shard i scores rollout shard i row by row (same keys, same order). Per response token it
 stores the teacher's exact log-prob of the sampled token (float32) and its top-k ids and log-probs.
@@ -33,7 +34,8 @@ def scores_table(rollouts: pa.Table, scores: list[engines.Scores], k: int) -> pa
             **{key: rollouts[key] for key in teacher_cache.KEYS},
             "teacher_token_logprobs": [s.token_logprobs for s in scores],
             "teacher_topk_ids": teacher_cache.topk_column([s.topk_ids for s in scores], pa.int32(), k),
-            "teacher_topk_logprobs": teacher_cache.topk_column([s.topk_logprobs.astype(np.float16) for s in scores], pa.float16(), k),
+            "teacher_topk_logprobs": teacher_cache.topk_column([s.topk_logprobs.astype(np.float16) for s in scores],
+                                                               pa.float16(), k),
         }
     )
 
@@ -65,7 +67,8 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
         return table
 
     # the given engine stays open for the caller; one loaded here (only if a shard is missing) is closed at the end
-    with contextlib.nullcontext(engine) if engine else engines.LazyEngine(teacher["path"], engine_cfg, cfg.top_k) as lazy:
+    with (contextlib.nullcontext(engine) if engine
+          else engines.LazyEngine(teacher["path"], engine_cfg, cfg.top_k)) as lazy:
         written = shards.fill_shards(out, len(rollout_paths), 1, make_table, teacher_cache, provenance, worker,
                                      replace_stale, k=cfg.top_k)
     log.info("%s: %d of %d shards scored now", out, written, len(rollout_paths))

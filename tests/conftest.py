@@ -29,13 +29,14 @@ def tiny_run(tmp_path_factory) -> Path:
     sft_data.run(section("sft_data"), engine, d / "models/base", d / "data/prompts", d / "data/sft")
     sft.run(section("sft"), d / "models/base", d / "data/sft", d / "models/sft")
     rollouts.run(section("rollouts"), engine, d / "models/sft", d / "data/prompts", d / "data/rollouts")
-    teacher_logprobs.run(section("teacher_logprobs"), engine, d / "models/base", d / "data/rollouts", d / "data/teacher_cache")
-    sft_data.run(section("sft_data"), engine, d / "models/base", d / "data/prompts", d / "data/control_sft", split="opd",
-                 stage="control_data")
+    teacher_logprobs.run(section("teacher_logprobs"), engine, d / "models/base", d / "data/rollouts",
+                         d / "data/teacher_cache")
+    sft_data.run(section("sft_data"), engine, d / "models/base", d / "data/prompts", d / "data/control_sft",
+                 split="opd", stage="control_data")
     control.run(section("opd"), d / "models/sft", d / "data/control_sft", d / "models/control")
     opd.run(section("opd"), d / "models/sft", d / "data/rollouts", d / "data/teacher_cache", d / "models/opd")
-    evaluate.run(section("evaluate"), engine, d / "models/base", d / "models/sft", d / "models/control", d / "models/opd",
-                 d / "data/prompts", d / "metrics/eval.json")
+    evaluate.run(section("evaluate"), engine, d / "models/base", d / "models/sft", d / "models/control",
+                 d / "models/opd", d / "data/prompts", d / "metrics/eval.json")
     return d
 
 

@@ -32,7 +32,8 @@ def test_teacher_b_commands_replace_every_output_of_a_by_b(tmp_path):
     assert [name for name, _ in b_commands] == [f"{name}_B" for name in ("models", *teacher_consistency.B_STAGES)]
     models_b = dict(b_commands)["models_B"]
     assert models_b[models_b.index("--out") + 1] == str(tmp_path / "models_B")
-    a_only = {str(params_a), str(tmp_path / "models/base"), *(str(tmp_path / path) for path in teacher_consistency.B_OUTPUTS)}
+    a_only = {str(params_a), str(tmp_path / "models/base"),
+              *(str(tmp_path / path) for path in teacher_consistency.B_OUTPUTS)}
     for _, cmd in b_commands:
         assert not a_only & set(cmd)
         assert cmd[cmd.index("--params") + 1] == str(params_b)

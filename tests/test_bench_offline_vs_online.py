@@ -23,7 +23,8 @@ def test_each_setting_runs_opd_and_evaluate_with_its_refresh_and_outputs(tmp_pat
         opd, evaluate = commands[f"opd_{setting}"], commands[f"evaluate_{setting}"]
         params = yaml.safe_load(open(opd[opd.index("--params") + 1]))
         assert params["opd"]["refresh_every"] == refresh_every(steps)
-        assert opd[opd.index("--out") + 1] == evaluate[evaluate.index("--opd-model") + 1] == str(out / f"models/opd_{setting}")
+        assert (opd[opd.index("--out") + 1] == evaluate[evaluate.index("--opd-model") + 1]
+                == str(out / f"models/opd_{setting}"))
         written = {opd[opd.index("--out") + 1], opd[opd.index("--rounds") + 1], evaluate[evaluate.index("--out") + 1]}
         assert not written & seen and not written & {str(out / "models/opd"), str(out / "data/opd_rounds")}
         seen |= written

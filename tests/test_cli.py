@@ -14,7 +14,8 @@ from tests.conftest import ROOT, TINY_PARAMS
 
 
 def test_set_overrides_keys_of_any_section_with_yaml_values():
-    params = Params(TINY_PARAMS, ("opd.lr=0.0005", "opd.importance_cap=null", "opd.loss=opd", "models.toy_teacher.num_layers=3"))
+    params = Params(TINY_PARAMS, ("opd.lr=0.0005", "opd.importance_cap=null", "opd.loss=opd",
+                                  "models.toy_teacher.num_layers=3"))
     opd = load_section("opd", params)
     assert (opd.lr, opd.importance_cap, opd.loss) == (0.0005, None, "opd")
     assert load_section("opd", TINY_PARAMS).lr != 0.0005  # the file is untouched

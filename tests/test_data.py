@@ -26,7 +26,8 @@ def test_an_epoch_visits_each_shard_once_with_batches_inside_one_shard():
     shards_in_order = [_shard_of(b[0]) for b in batches]
     assert all(_shard_of(i) == _shard_of(b[0]) for b in batches for i in b)  # no batch crosses shards
     # each shard's batches are contiguous: one shard in memory at a time suffices
-    assert [s for i, s in enumerate(shards_in_order) if i == 0 or s != shards_in_order[i - 1]] == sorted(set(shards_in_order), key=shards_in_order.index)
+    assert ([s for i, s in enumerate(shards_in_order) if i == 0 or s != shards_in_order[i - 1]]
+            == sorted(set(shards_in_order), key=shards_in_order.index))
     flat = [i for b in batches for i in b]
     assert len(flat) == len(set(flat))  # no row twice; only each shard's last partial batch is dropped
     assert len(flat) == sum(n - n % 3 for n in SIZES)

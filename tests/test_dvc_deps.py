@@ -15,6 +15,8 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_code_deps_are_exactly_the_identity_files(stage):
     imported = stage_files(stage)
-    expected = {str(p.relative_to(ROOT)) for p in imported if p.name != "__init__.py" or p.parent.name == "data_schemas"}
+    expected = {str(p.relative_to(ROOT)) for p in imported
+                if p.name != "__init__.py" or p.parent.name == "data_schemas"}
     declared = {d for d in STAGES[stage]["deps"] if d.endswith(".py")}
-    assert declared == expected, f"dvc.yaml stage {stage}: missing {sorted(expected - declared)}, extra {sorted(declared - expected)}"
+    assert declared == expected, (f"dvc.yaml stage {stage}: missing {sorted(expected - declared)}, "
+                                  f"extra {sorted(declared - expected)}")

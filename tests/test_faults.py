@@ -252,7 +252,8 @@ def test_bad_caches_are_refused_by_opd_before_training(run_copy, capsys, name):
     cache_fault(run_copy, name)
     before = snapshot(run_copy)
     refused(capsys, ["opd", "--params", str(TINY_PARAMS), "--sft-model", str(run_copy / "models/sft"),
-                     "--rollouts", str(run_copy / "data/rollouts"), "--teacher-cache", str(run_copy / "data/teacher_cache"),
+                     "--rollouts", str(run_copy / "data/rollouts"),
+                     "--teacher-cache", str(run_copy / "data/teacher_cache"),
                      "--models", str(run_copy / "models/base"), "--prompts", str(run_copy / "data/prompts"),
                      "--rounds", str(run_copy / "data/opd_rounds"), "--out", str(run_copy / "models/opd")],
             *CACHE_FAULTS[name])
@@ -303,7 +304,8 @@ def test_a_student_with_a_smaller_vocabulary_is_refused_at_scoring_and_at_opd(ru
     (base / models.MANIFEST).write_text(json.dumps(manifest))
     before = snapshot(run_copy)
     refused(capsys, teacher_logprobs_argv(run_copy, base, "teacher_logprobs.top_k=5"),
-            "column 'teacher_topk_ids', row", "below the student's vocabulary size 8", "Fix: use a teacher and a student")
+            "column 'teacher_topk_ids', row", "below the student's vocabulary size 8",
+            "Fix: use a teacher and a student")
     assert snapshot(run_copy) == before  # the stale shards are kept until a replacement is written
 
     from stages import opd

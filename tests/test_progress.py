@@ -58,7 +58,8 @@ def test_generation_and_scoring_log_progress_and_print_their_summaries(tiny_run,
     assert re.search(r"generate: 16/16 sequences, [\d,]+ tokens/s, done in [\d.]+ s", captured.err)
     rows, tokens, size = on_disk(out)
     assert (rows, tokens) == (40, pc.sum(pc.list_value_length(pq.read_table(out)["response_ids"])).as_py())
-    assert re.fullmatch(rf"rollouts: 40 rows, {tokens:,} response tokens, [\d.]+ s, {re.escape(cli.format_bytes(size))} "
+    assert re.fullmatch(rf"rollouts: 40 rows, {tokens:,} response tokens, [\d.]+ s, "
+                        rf"{re.escape(cli.format_bytes(size))} "
                         rf"-> {re.escape(str(out))}", summary_of(captured.out)), captured.out
 
     teacher_logprobs.main(["--params", str(TINY_PARAMS), "--models", str(tiny_run / "models/base"),
@@ -78,7 +79,8 @@ def test_training_logs_progress_and_a_model_stage_prints_its_summary(tiny_run, t
     sft.main(["--params", str(TINY_PARAMS), "--models", str(tiny_run / "models/base"),
               "--sft-data", str(tiny_run / "data/sft"), "--out", str(out)])
     captured = capsys.readouterr()
-    assert re.search(r"train: 1/3 steps \(33%\), loss [\d.]+, [\d,]+ tokens/s, ETA [\d.]+ s", captured.err), captured.err
+    assert re.search(r"train: 1/3 steps \(33%\), loss [\d.]+, [\d,]+ tokens/s, ETA [\d.]+ s",
+                     captured.err), captured.err
     assert re.search(r"train: 3/3 steps, loss [\d.]+, [\d,]+ tokens/s, done in", captured.err)
     assert "\r" not in captured.err + captured.out  # no progress bar
     _, _, size = on_disk(out)
@@ -102,7 +104,8 @@ def test_on_a_terminal_bars_are_drawn_instead(tmp_path, capsys, monkeypatch):
     model = models.build_toy_model(ToyModelConfig(64, 1, 64, 1), tokenizer, seed=0)
     rows = [{"prompt_ids": [1, 5, 6], "response_ids": [7, 2]}] * 8
     cfg = TrainConfig(steps=2, batch_size=4)
-    trainer = training.train(model, data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed), cfg, tmp_path)
+    trainer = training.train(model, data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed), cfg,
+                             tmp_path)
     assert not any(isinstance(c, training.LogProgress) for c in trainer.callbacks)
     captured = capsys.readouterr()
     assert "tokens/s" in captured.out and "train: " not in captured.err
@@ -110,4 +113,5 @@ def test_on_a_terminal_bars_are_drawn_instead(tmp_path, capsys, monkeypatch):
 
 def test_durations_and_sizes_read_as_people_write_them():
     assert [progress.format_seconds(s) for s in (3.14, 725, 11225)] == ["3.1 s", "12 min 05 s", "3 h 07 min"]
-    assert [cli.format_bytes(n) for n in (812, 12_600, 2_000_000, 5 << 30)] == ["812 B", "12.3 KiB", "1.9 MiB", "5.0 GiB"]
+    assert ([cli.format_bytes(n) for n in (812, 12_600, 2_000_000, 5 << 30)]
+            == ["812 B", "12.3 KiB", "1.9 MiB", "5.0 GiB"])

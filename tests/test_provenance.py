@@ -39,10 +39,12 @@ def scale(x, k):
 def test_code_meaning_ignores_docstrings_comments_layout_logs_and_error_messages():
     cosmetic = (SOURCE.replace("Function docstring.", "Typo fixed.").replace("# a comment", "# another")
                 .replace("Attribute docstring.", "Steps of training.").replace('"scaling %s"', '"now %s"')
-                .replace("k must be >= 0, got {k}", "Fix: pass k >= 0 (got {k})").replace("return x * k", "return (x *\n        k)"))
+                .replace("k must be >= 0, got {k}", "Fix: pass k >= 0 (got {k})")
+                .replace("return x * k", "return (x *\n        k)"))
     assert provenance.code_meaning(cosmetic) == provenance.code_meaning(SOURCE)
     for changed in (SOURCE.replace("return x * k", "return x * k + 0"), SOURCE.replace("k < 0", "k <= 0"),
-                    SOURCE.replace("steps: int = 3", "steps: int = 4"), SOURCE.replace("raise ValueError", "raise TypeError")):
+                    SOURCE.replace("steps: int = 3", "steps: int = 4"),
+                    SOURCE.replace("raise ValueError", "raise TypeError")):
         assert provenance.code_meaning(changed) != provenance.code_meaning(SOURCE)
 
 
@@ -71,9 +73,10 @@ def test_cosmetic_edits_keep_the_cache_and_a_value_change_makes_it_stale(run_cop
     env = {**os.environ, "PYTHONPATH": str(project)}
 
     def rescore() -> dict[str, int]:
-        done = subprocess.run([sys.executable, "-m", "stages.teacher_logprobs", "--params", str(TINY_PARAMS), "--models",
-                               str(run_copy / "models/base"), "--rollouts", str(run_copy / "data/rollouts"), "--out",
-                               str(cache), "--replace-stale"], cwd=project, env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "stages.teacher_logprobs", "--params", str(TINY_PARAMS),
+                               "--models", str(run_copy / "models/base"), "--rollouts", str(run_copy / "data/rollouts"),
+                               "--out", str(cache), "--replace-stale"],
+                              cwd=project, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         return {p.name: p.stat().st_mtime_ns for p in shards.list_shards(cache)}
 
@@ -103,8 +106,8 @@ def test_stages_whose_shards_all_exist_load_no_model(run_copy, monkeypatch):
                         run_copy / "data/sft") == 0
     assert rollouts.run(section("rollouts"), engine, run_copy / "models/sft", run_copy / "data/prompts",
                         run_copy / "data/rollouts") == 0
-    assert teacher_logprobs.run(section("teacher_logprobs"), engine, run_copy / "models/base", run_copy / "data/rollouts",
-                                run_copy / "data/teacher_cache") == 0
+    assert teacher_logprobs.run(section("teacher_logprobs"), engine, run_copy / "models/base",
+                                run_copy / "data/rollouts", run_copy / "data/teacher_cache") == 0
 
 
 def test_a_lazy_engine_loads_once_and_closes_at_the_end_of_its_block(run_copy):

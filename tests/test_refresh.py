@@ -70,7 +70,8 @@ def test_refresh_writes_rounds_sampled_by_the_current_student(run_copy):
     for path in shards.list_shards(rounds / "round-001/teacher_cache"):
         _, cache_provenance = shards.read_shard(path, teacher_cache)
         assert cache_provenance["rollouts_sha256"] == shards.file_sha256(rounds / "round-001/rollouts" / path.name)
-        assert cache_provenance["teacher"]["weights_sha256"] == models.read_manifest(run_copy / "models/base")["teacher"]["weights_sha256"]
+        assert (cache_provenance["teacher"]["weights_sha256"]
+                == models.read_manifest(run_copy / "models/base")["teacher"]["weights_sha256"])
     timings = json.loads((out / "timings.json").read_text())
     assert timings["rollouts_s"] > 0 and timings["scoring_s"] > 0 and timings["training_s"] > 0
     assert models.read_provenance(out)["rounds"] == 2

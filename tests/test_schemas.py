@@ -179,7 +179,8 @@ def test_behaviour_logprob_length_mismatch_names_row_and_both_lengths():
 
 def test_unknown_finish_reason_is_refused():
     table = rollouts_table(finish_reason=["stop", "abort", "stop"])
-    with pytest.raises(SchemaError, match=r"column 'finish_reason', row 1: expected one of \['stop', 'length'\], found 'abort'"):
+    with pytest.raises(SchemaError,
+                       match=r"column 'finish_reason', row 1: expected one of \['stop', 'length'\], found 'abort'"):
         validate(table, rollouts, PATH)
 
 
@@ -190,7 +191,8 @@ def test_teacher_columns_must_have_equal_lengths():
     with pytest.raises(SchemaError) as error:
         validate(table, teacher_cache, PATH)
     message = str(error.value)
-    assert PATH in message and "column 'teacher_topk_ids', row 2" in message and "(3, " in message and "found 2" in message
+    assert (PATH in message and "column 'teacher_topk_ids', row 2" in message and "(3, " in message
+            and "found 2" in message)
 
 
 def test_k_is_read_from_the_table_and_must_be_positive():

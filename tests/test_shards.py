@@ -92,7 +92,8 @@ def test_teacher_cache_k_is_read_from_the_file(tmp_path):
 def test_write_refuses_an_existing_shard(tmp_path):
     path = write_shard(tmp_path, 0, rollouts_table(), rollouts, {"run": 1})
     before = path.read_bytes()
-    with pytest.raises(FileExistsError, match=r"part-00000\.parquet already exists: finished shards are never rewritten"):
+    with pytest.raises(FileExistsError,
+                       match=r"part-00000\.parquet already exists: finished shards are never rewritten"):
         write_shard(tmp_path, 0, rollouts_table(), rollouts, {"run": 2})
     assert path.read_bytes() == before
 
@@ -173,7 +174,8 @@ def test_read_shard_refuses_another_artefact_or_version(tmp_path):
     old.parent.mkdir()
     table = rollouts_table()
     pq.write_table(table.replace_schema_metadata({SCHEMA_KEY: b"rollouts", VERSION_KEY: b"0"}), old)
-    with pytest.raises(SchemaError, match=r"holds rollouts v0, expected rollouts v1: it was written by another stage or another version"):
+    with pytest.raises(SchemaError, match=r"holds rollouts v0, expected rollouts v1: "
+                                          r"it was written by another stage or another version"):
         read_shard(old, rollouts)
 
 

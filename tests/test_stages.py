@@ -195,7 +195,8 @@ def test_killed_teacher_logprobs_resumes_to_the_same_cache(run_copy, stop_at):
     assert len(list(cache.glob("*.parquet"))) == stop_at  # the killed write left no final shard
     assert list(cache.glob(".part-*"))  # but a temp file
     kept = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.parquet")}
-    subprocess.run([sys.executable, "-m", "stages.teacher_logprobs", *args], env=env, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "stages.teacher_logprobs", *args], env=env, cwd=ROOT, check=True,
+                   capture_output=True)
     assert not list(cache.glob(".part-*"))
     assert {n: (cache / n).stat().st_mtime_ns for n in kept} == kept  # finished shards not recomputed
     resumed = {p.name: pq.read_table(p) for p in sorted(cache.glob("*.parquet"))}
@@ -230,7 +231,8 @@ def test_kill_at_random_moments_then_rerun_gives_the_uninterrupted_result(tiny_r
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rollout_args = ["stages.rollouts", "--params", str(params_file), "--policy", str(tiny_run / "models/sft"),
                     "--prompts", str(tiny_run / "data/prompts")]
-    subprocess.run([*[sys.executable, "-m"], *rollout_args, "--out", str(tmp_path / "rollouts")], env=env, cwd=ROOT, check=True)
+    subprocess.run([*[sys.executable, "-m"], *rollout_args, "--out", str(tmp_path / "rollouts")], env=env, cwd=ROOT,
+                   check=True)
     if stage == "rollouts":
         args, reference_dir = rollout_args, tmp_path / "rollouts"
     else:
@@ -264,7 +266,8 @@ def test_opd_refuses_a_cache_from_another_teacher(run_copy):
     provenance = json.loads(path.read_text())
     provenance["sft_data_teacher"]["weights_sha256"] = "0" * 64
     path.write_text(json.dumps(provenance))
-    args = (run_copy / "models/sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache", run_copy / "models/opd2")
+    args = (run_copy / "models/sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache",
+            run_copy / "models/opd2")
     with pytest.raises(ConfigError, match="teacher inconsistency.*allow_teacher_mismatch"):
         opd.run(section("opd"), *args)
     cfg = section("opd")
@@ -281,7 +284,8 @@ def test_opd_refuses_a_teacher_with_another_tokenizer(run_copy):
     provenance["base"]["tokenizer_sha256"] = "f" * 64
     path.write_text(json.dumps(provenance))
     with pytest.raises(ConfigError, match="tokenizer mismatch.*same vocabulary and token-to-id mapping"):
-        opd.run(section("opd"), run_copy / "models/sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache", run_copy / "models/opd2")
+        opd.run(section("opd"), run_copy / "models/sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache",
+                run_copy / "models/opd2")
 
 
 def test_tokenizer_hash_sees_the_token_to_id_mapping(tmp_path):
@@ -304,7 +308,8 @@ def test_opd_refuses_top_k_above_the_cache(run_copy):
     cfg = section("opd")
     cfg.top_k = section("teacher_logprobs").top_k + 1
     with pytest.raises(ConfigError, match="opd.top_k"):
-        opd.run(cfg, run_copy / "models/sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache", run_copy / "models/opd2")
+        opd.run(cfg, run_copy / "models/sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache",
+                run_copy / "models/opd2")
 
 
 def test_opd_refuses_a_cache_of_other_rollouts(run_copy):
@@ -315,7 +320,8 @@ def test_opd_refuses_a_cache_of_other_rollouts(run_copy):
     first.unlink()
     shards.write_parquet(table.slice(1), first)  # other rollouts under the same name
     with pytest.raises(SchemaError, match="other rollouts"):
-        opd.run(section("opd"), run_copy / "models/sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache", run_copy / "models/opd2")
+        opd.run(section("opd"), run_copy / "models/sft", run_copy / "data/rollouts", run_copy / "data/teacher_cache",
+                run_copy / "models/opd2")
 
 
 def test_cli_lists_stages_and_runs_one(tmp_path):
@@ -346,7 +352,8 @@ def test_models_stage_records_real_models_by_path(tiny_run, tmp_path):
 
 
 def test_missing_local_model_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="models.teacher: model directory .*nope does not exist.*Fix: set models.teacher"):
+    with pytest.raises(ConfigError,
+                       match="models.teacher: model directory .*nope does not exist.*Fix: set models.teacher"):
         models.resolve_model_dir(str(tmp_path / "nope"), "models.teacher")
 
 

@@ -12,7 +12,8 @@ from pipeline.data import collate
 def test_collate_aligns_response_fields_with_the_predicting_positions():
     rows = [
         {"prompt_ids": [1, 5, 6], "response_ids": [7, 2], "teacher_logprobs": np.array([-0.5, -0.1], np.float32),
-         "teacher_topk_ids": np.array([[7, 8], [2, 3]]), "teacher_topk_logprobs": np.array([[-0.5, -1], [-0.1, -3]], np.float32)},
+         "teacher_topk_ids": np.array([[7, 8], [2, 3]]),
+         "teacher_topk_logprobs": np.array([[-0.5, -1], [-0.1, -3]], np.float32)},
         {"prompt_ids": [1, 9], "response_ids": [4, 4, 2], "teacher_logprobs": np.array([-1, -2, -3], np.float32),
          "teacher_topk_ids": np.array([[4, 5], [4, 6], [2, 4]]), "teacher_topk_logprobs": np.zeros((3, 2), np.float32)},
     ]
@@ -29,7 +30,8 @@ def test_collate_aligns_response_fields_with_the_predicting_positions():
 
 
 def test_collate_pads_short_rows_on_the_right():
-    batch = collate([{"prompt_ids": [1, 5], "response_ids": [2]}, {"prompt_ids": [1, 5, 6, 7], "response_ids": [8, 2]}], pad_id=0)
+    batch = collate([{"prompt_ids": [1, 5], "response_ids": [2]}, {"prompt_ids": [1, 5, 6, 7], "response_ids": [8, 2]}],
+                    pad_id=0)
     assert batch["input_ids"][0].tolist() == [1, 5, 0, 0, 0]
     assert batch["attention_mask"][0].tolist() == [1, 1, 0, 0, 0]
     assert batch["mask"][0].tolist() == [False, True, False, False, False]
@@ -52,7 +54,8 @@ def test_opd_training_logs_every_term_per_step(tmp_path, clip_against):
     before = [p.detach().clone() for p in model.parameters()]
     rows = [{**row, "behavior_logprobs": row["behavior_logprobs"] - 10} for row in _toy_opd_rows(len(tokenizer))]
     cfg = OpdConfig(steps=4, batch_size=4, lr=1e-2, loss="opd+topk_fkl", clip_against=clip_against)
-    training.train(model, data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed), cfg, tmp_path, loss=cfg.loss)
+    training.train(model, data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed), cfg, tmp_path,
+                   loss=cfg.loss)
     with open(tmp_path / "metrics.csv") as f:
         logged = [row for row in csv.DictReader(f) if row["train/loss"]]
     assert logged, "nothing was logged"
@@ -150,7 +153,8 @@ def test_ddp_with_two_cpu_processes_trains_one_model(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}  # CPU processes, also on a GPU machine
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -113,7 +113,8 @@ def test_mean_pass_at_k_averages_prompts():
 
 def test_evaluate_config_checks():
     assert EvaluateConfig() == EvaluateConfig(verifier="toy", n_samples=1, pass_k=[], temperature=0.0)
-    cfg = from_dict(EvaluateConfig, {"verifier": "math", "n_samples": 8, "pass_k": [1, 4, 8], "temperature": 1}, "evaluate")
+    cfg = from_dict(EvaluateConfig, {"verifier": "math", "n_samples": 8, "pass_k": [1, 4, 8], "temperature": 1},
+                    "evaluate")
     assert cfg.pass_k == [1, 4, 8] and cfg.temperature == 1.0
     with pytest.raises(ConfigError, match=r"evaluate.verifier must be one of \('toy', 'exact', 'math'\), got 'regex'"):
         from_dict(EvaluateConfig, {"verifier": "regex"}, "evaluate")
@@ -172,7 +173,8 @@ def test_greedy_evaluate_writes_only_the_usual_keys(tiny_run):
 def test_evaluate_with_n_samples_writes_pass_at_k(tiny_run, tmp_path):
     from stages import evaluate
 
-    cfg = EvaluateConfig(max_new_tokens=section("evaluate").max_new_tokens, n_samples=4, pass_k=[4, 1, 2], temperature=1.0)
+    cfg = EvaluateConfig(max_new_tokens=section("evaluate").max_new_tokens, n_samples=4, pass_k=[4, 1, 2],
+                         temperature=1.0)
     out = tmp_path / "eval.json"
     d = tiny_run
     evaluate.run(cfg, section("engine"), d / "models/base", d / "models/sft", d / "models/control", d / "models/opd",

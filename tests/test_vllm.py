@@ -178,8 +178,8 @@ def test_vllm_greedy_generation_equals_transformers(tiny_run, vllm_params, tmp_p
     """sft_data decodes greedily: vLLM must write exactly the transformers engine's responses."""
     from data_schemas import sft_samples
 
-    _stage("sft_data", vllm_params, "--models", str(tiny_run / "models/base"), "--prompts", str(tiny_run / "data/prompts"),
-           "--out", str(tmp_path / "sft"))
+    _stage("sft_data", vllm_params, "--models", str(tiny_run / "models/base"),
+           "--prompts", str(tiny_run / "data/prompts"), "--out", str(tmp_path / "sft"))
     hf, vl = _table(tiny_run / "data/sft", sft_samples), _table(tmp_path / "sft", sft_samples)
     assert vl["prompt_id"] == hf["prompt_id"]
     assert vl["response_ids"] == hf["response_ids"]
@@ -205,7 +205,8 @@ def test_vllm_rollouts_sharded_equal_one_worker_and_logprobs_match_transformers(
     args = ["--policy", str(tiny_run / "models/sft"), "--prompts", str(tiny_run / "data/prompts")]
     _stage("rollouts", vllm_params, *args, "--out", str(tmp_path / "one"))
     for worker in (1, 0):
-        _stage("rollouts", vllm_params, *args, "--out", str(tmp_path / "two"), "--shard", str(worker), "--num-shards", "2")
+        _stage("rollouts", vllm_params, *args, "--out", str(tmp_path / "two"), "--shard", str(worker),
+               "--num-shards", "2")
     one = sorted((tmp_path / "one").glob("*.parquet"))
     two = sorted((tmp_path / "two").glob("*.parquet"))
     assert [p.name for p in one] == [p.name for p in two]
@@ -227,7 +228,8 @@ def test_vllm_rollouts_sharded_equal_one_worker_and_logprobs_match_transformers(
 def test_vllm_evaluate_matches_transformers(tiny_run, vllm_params, tmp_path):
     """evaluate starts four vLLM engines in one process (each freed before the next) and must report the
     transformers engine's greedy accuracies exactly (sampled ones differ with the engines' random streams)."""
-    _stage("evaluate", vllm_params, "--models", str(tiny_run / "models/base"), "--sft-model", str(tiny_run / "models/sft"),
+    _stage("evaluate", vllm_params, "--models", str(tiny_run / "models/base"),
+           "--sft-model", str(tiny_run / "models/sft"),
            "--control-model", str(tiny_run / "models/control"), "--opd-model", str(tiny_run / "models/opd"),
            "--prompts", str(tiny_run / "data/prompts"), "--out", str(tmp_path / "eval.json"),
            "--chart", str(tmp_path / "accuracy.json"), "--set", "evaluate.sampled_n=0")
