@@ -102,7 +102,8 @@ def persistent_outputs(repo: Path) -> dict[str, list[str]]:
     """The `persist: true` outputs of each stage that has some: dvc keeps them when it reruns the stage."""
     result = {}
     for name, stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].items():
-        kept = [next(iter(e)) for e in stage.get("outs", []) if isinstance(e, dict) and next(iter(e.values())).get("persist")]
+        kept = [next(iter(e)) for e in stage.get("outs", [])
+                if isinstance(e, dict) and next(iter(e.values())).get("persist")]
         if kept:
             result[name] = kept
     return result
@@ -211,7 +212,8 @@ class Run:
     def durations(self) -> dict[str, float]:
         """Seconds from each stage's start to the next one's (the last: to the end of the run)."""
         names, starts = list(self.started), list(self.started.values())
-        return {name: (starts[i + 1] if i + 1 < len(starts) else self.seconds) - starts[i] for i, name in enumerate(names)}
+        return {name: (starts[i + 1] if i + 1 < len(starts) else self.seconds) - starts[i]
+                for i, name in enumerate(names)}
 
     def shards(self, dirs: list[str]) -> tuple[int, int]:
         """(finished shards under `dirs` it found and left as they were, shards it wrote there)."""
@@ -303,7 +305,8 @@ def schedule(repo: Path, durations: dict[str, float], seed: int, max_tries: int 
         # lived (the rerun has less to do, and its start-up is as long).
         limit = min(0.5 * durations[target], kills[-1].run.lived) if rerun else 0.8 * durations[target]
         delay = rng.uniform(0, limit)
-        run = repro(repo, args, kill=(target, delay), log_file=repo.parent / "logs" / f"{len(runs) + 1:02d}-{target}.log")
+        log_file = repo.parent / "logs" / f"{len(runs) + 1:02d}-{target}.log"
+        run = repro(repo, args, kill=(target, delay), log_file=log_file)
         runs.append(run)
         done = recorded_stages(repo, run, done, forced=bool(args))
         if run.killed_in is None:  # the whole run ended first
@@ -399,7 +402,8 @@ def crash_schedule(params: dict, work: Path, seed: int, log=print) -> dict:
     diff, temps = compare(reference, killed)
     return {"reference_s": uninterrupted.seconds, "durations": durations, "kills": kills, "runs": runs,
             "diff": diff, "temp_files": temps,
-            "metrics_equal": (reference / "metrics/eval.json").read_bytes() == (killed / "metrics/eval.json").read_bytes(),
+            "metrics_equal": ((reference / "metrics/eval.json").read_bytes()
+                              == (killed / "metrics/eval.json").read_bytes()),
             "files": len(file_hashes(reference)), "persistent": persistent_outputs(reference)}
 
 
