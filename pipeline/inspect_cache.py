@@ -46,13 +46,12 @@ def summarise(directory) -> dict:
     metadata = schemas[0].metadata or {}
     frame = pl.scan_parquet([str(p) for p in paths])
     columns = frame.collect_schema().names()
-    stats = shards.directory_stats(directory)
-    size = stats["bytes"]
+    size = sum(p.stat().st_size for p in paths)
     out = {
         "path": str(directory),
         "artefact": metadata.get(SCHEMA_KEY, b"?").decode(),
         "shards": len(paths),
-        "rows": stats["rows"],
+        "rows": frame.select(pl.len()).collect().item(),
         "size_bytes": size,
     }
     provenance = json.loads(metadata.get(PROVENANCE_KEY, b"{}"))
@@ -62,7 +61,7 @@ def summarise(directory) -> dict:
     token_column = next((c for c in shards.TOKEN_COLUMNS if c in columns), None)
     if token_column:
         lengths = frame.select(pl.col(token_column).list.len().alias("n")).collect()["n"]
-        out["tokens"] = stats["tokens"]
+        out["tokens"] = int(lengths.sum())
         out["bytes_per_token"] = round(size / max(out["tokens"], 1), 3)
         out["response_length_histogram"] = _histogram(lengths)
     if "teacher_topk_logprobs" in columns:
