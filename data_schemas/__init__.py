@@ -2,7 +2,8 @@
 
 Each artefact module (``prompts``, ``sft_samples``, ``rollouts``, ``teacher_cache``) declares
 
-* ``NAME`` and ``VERSION``, stored in every file's schema metadata;
+* ``NAME`` and ``VERSION``, stored in every file's schema metadata; optionally ``READS``, the versions
+  still read (older files whose columns are a special case of the current schema), default ``(VERSION,)``;
 * ``PRODUCED_BY``, the stage to rerun when a file is bad (used in error messages);
 * ``schema(**kw) -> pa.Schema`` and ``check_rows(table, path)`` for row-level rules;
 * optionally ``schema_kw_from(schema, path) -> dict``, which reads schema parameters (the
@@ -14,6 +15,7 @@ fails where it is written or opened, with a message naming the file, column, row
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -42,6 +44,44 @@ def row_error(path, column: str, row: int, expected: str, found: str, fix: str) 
     return SchemaError(
         f"{path}: column '{column}', row {row}: expected {expected}, found {found}. Fix: {fix}", path
     )
+
+
+def topk_column(arrays: list[np.ndarray], value_type: pa.DataType, k: int) -> pa.Array:
+    """A top-k column, list<fixed_size_list<value_type, k>>, from per-row [R, k] arrays, without Python
+    loops over tokens."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), k)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+def topk_width(schema: pa.Schema, column: str, produced_by: str, path=None) -> int:
+    """k of `column`, a list<fixed_size_list<_, k>> column of `schema`; 0 if the schema has no such column."""
+    if column not in schema.names:
+        return 0
+    type_ = schema.field(column).type
+    if not (pa.types.is_list(type_) and pa.types.is_fixed_size_list(type_.value_type)):
+        where = f"{path}: " if path is not None else ""
+        raise SchemaError(
+            f"{where}column '{column}': expected type list<fixed_size_list<_, k>>, found {type_}, so k cannot be "
+            f"read from it. Fix: build it as fixed-size lists (data_schemas.topk_column), or pass k= (student_k= "
+            f"for a behaviour top-k) explicitly when writing; if this file is left from an older run, delete it "
+            f"and rerun {produced_by}.",
+            path,
+        )
+    return type_.value_type.list_size
+
+
+def check_topk_lengths(table: pa.Table, columns, reference: str, path, fix: str) -> None:
+    """Each of `columns` holds, in every row, as many entries as the list column `reference` (one per token)."""
+    expected = pc.list_value_length(table[reference])
+    for column in columns:
+        length = pc.list_value_length(table[column])
+        row = first_true_row(pc.not_equal(length, expected))
+        if row is not None:
+            raise row_error(path, column, row, f"one entry per response token ({expected[row].as_py()}, the length "
+                            f"of {reference})", f"{length[row].as_py()}", fix)
 
 
 def first_true_row(mask) -> int | None:
@@ -199,7 +239,7 @@ def check_metadata(schema: pa.Schema, artefact, path) -> None:
             f"Fix: delete it and rerun {artefact.PRODUCED_BY}.",
             path,
         )
-    if name != artefact.NAME or version != str(artefact.VERSION):
+    if name != artefact.NAME or version not in {str(v) for v in getattr(artefact, "READS", (artefact.VERSION,))}:
         raise SchemaError(
             f"{path}: holds {name} v{version}, expected {artefact.NAME} v{artefact.VERSION}: "
             f"it was written by another stage or another version of the pipeline. "

@@ -5,27 +5,49 @@ the response tokens are not stored twice. Per response token it holds the teache
 log-prob of the sampled token (what the sampled-token OPD loss needs) and its top-k ids and
 log-probs (what the top-k distribution losses need). The top-k log-probs are float16 to halve
 the cache; the sampled-token log-prob stays float32 because it enters the loss directly.
+
+When the rollouts hold the behaviour policy's top-k_s ids (`behavior_topk_ids`, rollouts.student_top_k),
+the cache also holds the teacher's log-probs at exactly those ids, in their order
+(`teacher_behavior_topk_logprobs`, float16 like the top-k's): with them the top-k losses can run on
+the union of the teacher's and the student's supports. The ids themselves stay in the rollouts.
+
+Versions: 2 added `teacher_behavior_topk_logprobs` (present only when k_s > 0). A version-1 cache has
+exactly the columns of a version-2 cache with k_s = 0, so it is still read.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_schemas import SchemaError, first_true_row, row_error, schema_metadata
+from data_schemas import (
+    SchemaError,
+    check_topk_lengths,
+    first_true_row,
+    row_error,
+    schema_metadata,
+    topk_column,  # noqa: F401 (callers build the top-k columns with it)
+    topk_width,
+)
+from data_schemas import rollouts as rollouts_schema
 
 NAME = "teacher_cache"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
 PRODUCED_BY = "the teacher_logprobs stage (dvc repro teacher_logprobs)"
 
 KEYS = ("prompt_id", "sample_idx", "round")  # identify a rollout; must match the rollout shard row by row
+BEHAVIOR_TOPK = "teacher_behavior_topk_logprobs"
 
 
-def schema(k: int) -> pa.Schema:
+def schema(k: int, student_k: int = 0) -> pa.Schema:
     if isinstance(k, bool) or not hasattr(k, "__index__") or k < 1:
         raise ValueError(f"teacher cache top-k must be a positive int, got {k!r}")
-    k = int(k)
+    if isinstance(student_k, bool) or not hasattr(student_k, "__index__") or student_k < 0:
+        raise ValueError(f"teacher cache student top-k must be an int >= 0, got {student_k!r}")
+    k, student_k = int(k), int(student_k)
+    behavior = ([pa.field(BEHAVIOR_TOPK, pa.list_(pa.list_(pa.float16(), student_k)), nullable=False)]
+                if student_k else [])
     return pa.schema(
         [
             pa.field("prompt_id", pa.string(), nullable=False),
@@ -34,19 +56,10 @@ def schema(k: int) -> pa.Schema:
             pa.field("teacher_token_logprobs", pa.list_(pa.float32()), nullable=False),
             pa.field("teacher_topk_ids", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
             pa.field("teacher_topk_logprobs", pa.list_(pa.list_(pa.float16(), k)), nullable=False),
+            *behavior,
         ],
         metadata=schema_metadata(NAME, VERSION),
     )
-
-
-def topk_column(arrays: list[np.ndarray], value_type: pa.DataType, k: int) -> pa.Array:
-    """A top-k column, list<fixed_size_list<value_type, k>>, from per-row [R, k] arrays, without Python
-    loops over tokens."""
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
-    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), k)
-    return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
 
 def k_of(schema_or_table, path=None) -> int:
@@ -59,45 +72,39 @@ def k_of(schema_or_table, path=None) -> int:
             f"found columns {schema.names}. Fix: delete it and rerun {PRODUCED_BY}.",
             path,
         )
-    type_ = schema.field("teacher_topk_ids").type
-    if not (pa.types.is_list(type_) and pa.types.is_fixed_size_list(type_.value_type)):
-        raise SchemaError(
-            f"{where}column 'teacher_topk_ids': expected type list<fixed_size_list<int32, k>>, found {type_}, "
-            f"so k cannot be read from it. Fix: build it as fixed-size lists, or pass k= explicitly "
-            f"when writing.",
-            path,
-        )
-    return type_.value_type.list_size
+    return topk_width(schema, "teacher_topk_ids", PRODUCED_BY, path)
+
+
+def student_k_of(schema_or_table, path=None) -> int:
+    """k_s, the width of the teacher's log-probs at the behaviour top-k ids; 0 when the cache has none."""
+    schema = schema_or_table.schema if isinstance(schema_or_table, pa.Table) else schema_or_table
+    return topk_width(schema, BEHAVIOR_TOPK, PRODUCED_BY, path)
 
 
 def schema_kw_from(schema: pa.Schema, path) -> dict:
-    return {"k": k_of(schema, path)}
+    return {"k": k_of(schema, path), "student_k": student_k_of(schema, path)}
 
 
 def check_rows(table: pa.Table, path) -> None:
-    token_len = pc.list_value_length(table["teacher_token_logprobs"])
-    for column in ("teacher_topk_ids", "teacher_topk_logprobs"):
-        length = pc.list_value_length(table[column])
-        row = first_true_row(pc.not_equal(length, token_len))
-        if row is not None:
-            raise row_error(
-                path, column, row,
-                f"one top-k entry per response token ({token_len[row].as_py()}, the length of teacher_token_logprobs)",
-                f"{length[row].as_py()}",
-                f"the scorer must emit the same positions for all three teacher columns; rerun {PRODUCED_BY}",
-            )
+    columns = ["teacher_topk_ids", "teacher_topk_logprobs"] + ([BEHAVIOR_TOPK] if BEHAVIOR_TOPK in table.column_names
+                                                               else [])
+    check_topk_lengths(table, columns, "teacher_token_logprobs", path,
+                       f"the scorer must emit the same positions for every teacher column; rerun {PRODUCED_BY}")
 
 
-def check_ids_below(table: pa.Table, vocab_size: int, path) -> None:
-    """Refuse top-k ids that the student cannot index (the loss would read other tokens' logits)."""
-    ids = table["teacher_topk_ids"].combine_chunks()
+def check_ids_below(table: pa.Table, vocab_size: int, path, column: str = "teacher_topk_ids",
+                    model: str = "student") -> None:
+    """Refuse top-k ids (`column` of `table`) that the `model` cannot index (the loss would read other tokens'
+    logits, or the scorer fail): the teacher's top-k against the student's vocabulary, the behaviour top-k
+    (rollouts) against the teacher's."""
+    ids = table[column].combine_chunks()
     tokens = ids.flatten()  # one fixed-size list of k ids per response token
     flat = tokens.flatten()
     bad = first_true_row(pc.greater_equal(flat, vocab_size))
     if bad is None:
         return
     row = pc.list_parent_indices(ids)[bad // tokens.type.list_size].as_py()
-    raise row_error(path, "teacher_topk_ids", row, f"ids below the student's vocabulary size {vocab_size}",
+    raise row_error(path, column, row, f"ids below the {model}'s vocabulary size {vocab_size}",
                     f"id {flat[bad].as_py()}", "use a teacher and a student of one vocabulary (models.teacher, "
                     "models.student), then rerun the models stage and the stages after it")
 
@@ -117,6 +124,12 @@ def check_aligned(cache: pa.Table, rollouts: pa.Table, cache_path, rollouts_path
     for key in KEYS:
         differs = pc.or_(differs, pc.not_equal(cache_part[key], rollout_part[key]))
     row = first_true_row(differs)
+    if row is None and student_k_of(cache, cache_path) != rollouts_schema.student_k_of(rollouts, rollouts_path):
+        raise SchemaError(
+            f"{cache_path}: holds the teacher at {student_k_of(cache)} behaviour top-k ids a token but "
+            f"{rollouts_path} holds {rollouts_schema.student_k_of(rollouts)}. Fix: {fix}.",
+            cache_path,
+        )
     if row is not None:
         cache_key = {key: cache[key][row].as_py() for key in KEYS}
         rollout_key = {key: rollouts[key][row].as_py() for key in KEYS}

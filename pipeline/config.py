@@ -311,6 +311,8 @@ LOSSES = (*LOSS_TERMS, *(f"opd+{term}" for term in TOPK_BETAS))
 below, so configs validate early)."""
 TAILS = ("renorm_teacher", "renorm_both", "rest_bucket")
 """How the top-k losses treat the mass outside the teacher's k (pipeline.losses.topk_divergence_loss)."""
+SUPPORTS = ("teacher", "union")
+"""Supports of the top-k losses (ObjectiveConfig.topk_support)."""
 TOKEN_SELECTIONS = ("entropy", "divergence")
 """Scores by which pipeline.losses.Objective keeps a fraction of the response tokens."""
 CLIP_AGAINST = ("current", "behavior")
@@ -337,6 +339,21 @@ class SamplingConfig:
         _positive(self, "n", "max_new_tokens", "rows_per_shard")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+
+@dataclass
+class RolloutsConfig(SamplingConfig):
+    """`rollouts`: how the behaviour policy samples the OPD rollouts, and what of it they keep."""
+
+    student_top_k: int = 0
+    """Also store the behaviour policy's top-k_s token ids at every response token (`behavior_topk_ids`; 0: off).
+    The teacher_logprobs stage then stores the teacher's log-probs at them, so that top-k losses can run on the
+    student's support too (opd.topk_support: union). Scoring them needs engine.name hf for teacher_logprobs."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.student_top_k < 0:
+            raise ConfigError(f"rollouts.student_top_k must be >= 0 (0: off), got {self.student_top_k}")
 
 
 @dataclass
@@ -370,7 +387,11 @@ class ObjectiveConfig:
     jsd_beta: float = 0.5
     """Beta of topk_jsd, TRL's convention: 0 forward KL, 1 reverse KL, mixture beta * teacher + (1 - beta) * student."""
     topk_tail: str = "renorm_teacher"
-    """Mass outside the teacher's top-k in topk_* losses: renorm_teacher, renorm_both or rest_bucket."""
+    """Mass outside the top-k support in topk_* losses: renorm_teacher, renorm_both or rest_bucket."""
+    topk_support: str = "teacher"
+    """Ids the top-k losses (and the vopd / divergence-selection reverse KL) run on: teacher (the teacher's cached
+    top-k) or union (those, the behaviour policy's top-k_s of rollouts.student_top_k and the sampled token, each id
+    once: the student's support too, where reverse KL and JSD look). union needs a cache with the behaviour top-k."""
     token_fraction: float = 1.0
     """Fraction of response tokens (per batch) the distillation terms train on, the top by token_select (1.0: all)."""
     token_select: str = "entropy"
@@ -387,6 +408,12 @@ class ObjectiveConfig:
         """The loss's terms: `a+b` is the sum of a and b."""
         return self.loss.split("+")
 
+    @property
+    def reads_topk(self) -> bool:
+        """Whether the objective reads the cached top-k: a topk_* term, vopd's baseline or divergence selection."""
+        return (any(term in TOPK_BETAS for term in self.terms) or self.vopd
+                or (self.token_fraction < 1 and self.token_select == "divergence"))
+
     def beta(self, term: str) -> float:
         """The generalized-JSD beta of top-k term `term` (TOPK_BETAS; topk_jsd: jsd_beta)."""
         fixed = TOPK_BETAS[term]
@@ -399,7 +426,7 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         for name, valid in (("loss", LOSSES), ("topk_tail", TAILS), ("token_select", TOKEN_SELECTIONS),
-                            ("clip_against", CLIP_AGAINST)):
+                            ("clip_against", CLIP_AGAINST), ("topk_support", SUPPORTS)):
             if getattr(self, name) not in valid:
                 raise ConfigError(f"opd.{name} must be one of {valid}, got {getattr(self, name)!r}")
         for name in ("clip_eps", "importance_cap", "top_k"):
@@ -415,6 +442,9 @@ class ObjectiveConfig:
             raise ConfigError(f"opd.sft_weight must be >= 0, got {self.sft_weight}")
         if (self.vopd or self.importance_cap is not None) and "opd" not in self.terms:
             raise ConfigError(f"opd.vopd and opd.importance_cap act on the opd term, which loss {self.loss!r} lacks")
+        if self.topk_support != "teacher" and not self.reads_topk:
+            raise ConfigError(f"opd.topk_support acts on the top-k terms (topk_*), vopd and token_select divergence, "
+                              f"none of which loss {self.loss!r} with these options uses")
         if self.clip_against == "behavior" and (self.clip_eps is None or self.importance_cap is not None):
             raise ConfigError(
                 "opd.clip_against behavior makes the PPO ratio pi_theta/mu the off-policy weight: it needs clip_eps "
@@ -514,7 +544,7 @@ SECTIONS: dict[str, type] = {
     "engine": EngineConfig,
     "sft_data": SamplingConfig,
     "sft": TrainConfig,
-    "rollouts": SamplingConfig,
+    "rollouts": RolloutsConfig,
     "teacher_logprobs": TeacherLogprobsConfig,
     "opd": OpdConfig,
     "evaluate": EvaluateConfig,

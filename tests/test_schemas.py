@@ -33,8 +33,9 @@ def test_valid_tables_pass_and_carry_name_and_version(artefact, make):
     table = make()
     validate(table, artefact, PATH)
     assert table.schema.metadata[SCHEMA_KEY] == artefact.NAME.encode()
-    assert table.schema.metadata[VERSION_KEY] == b"1"
-    assert artefact.VERSION == 1
+    assert table.schema.metadata[VERSION_KEY] == str(artefact.VERSION).encode()
+    # rollouts and teacher_cache v2 added the behaviour top-k columns
+    assert artefact.VERSION == (2 if artefact in (rollouts, teacher_cache) else 1)
 
 
 def test_conform_casts_loose_producer_types_losslessly():
@@ -248,11 +249,11 @@ def test_file_metadata_must_name_this_artefact_and_version():
     with pytest.raises(SchemaError) as error:
         check_metadata(rollouts.schema(), teacher_cache, PATH)
     message = str(error.value)
-    assert PATH in message and "holds rollouts v1, expected teacher_cache v1" in message
+    assert PATH in message and "holds rollouts v2, expected teacher_cache v2" in message
     assert "another stage or another version" in message and "teacher_logprobs" in message
 
-    newer = rollouts.schema().with_metadata({SCHEMA_KEY: b"rollouts", VERSION_KEY: b"2"})
-    with pytest.raises(SchemaError, match="holds rollouts v2, expected rollouts v1"):
+    newer = rollouts.schema().with_metadata({SCHEMA_KEY: b"rollouts", VERSION_KEY: str(rollouts.VERSION + 1).encode()})
+    with pytest.raises(SchemaError, match="holds rollouts v3, expected rollouts v2"):
         check_metadata(newer, rollouts, PATH)
 
     with pytest.raises(SchemaError, match="not written by this pipeline"):
