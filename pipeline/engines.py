@@ -34,13 +34,15 @@ that is the policy pi(y_t|s_t) the losses compare against the teacher. vLLM call
 
 @dataclass
 class Generation:
-    """One sampled response: token ids (ending in EOS when it stopped), their raw log-probs."""
+    """One sampled response: token ids (ending in EOS when it stopped), their raw log-probs, and with a top_k the
+    policy's top-k ids at each of them (by rank of the raw log-probs)."""
 
     prompt_index: int
     sample_idx: int
     response_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS produced) or "length" (hit max_new_tokens)
+    topk_ids: np.ndarray | None = None  # [R, top_k] int32
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Scores:
     token_logprobs: np.ndarray  # [R] float32
     topk_ids: np.ndarray  # [R, k] int32
     topk_logprobs: np.ndarray  # [R, k] float32
+    at_ids_logprobs: np.ndarray | None = None  # [R, k_s] float32: at the ids `score` was given (the behaviour top-k)
 
 
 class Engine:
@@ -125,8 +128,10 @@ class HFEngine(Engine):
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Generation]:
-        """`sampling.n` responses per prompt, in prompt order; reproducible for a given seed."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int,
+                 top_k: int = 0) -> list[Generation]:
+        """`sampling.n` responses per prompt, in prompt order; reproducible for a given seed. `top_k` > 0: also
+        the policy's top-k ids at each response token, from the same raw logits."""
         torch.manual_seed(seed)
         jobs = [(p, s) for p in range(len(prompts)) for s in range(sampling.n)]
         out = []
@@ -154,21 +159,26 @@ class HFEngine(Engine):
                     torch.log_softmax(step.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1)
                     for t, step in enumerate(result.logits)
                 ], dim=1)
+                # the raw logits' order is the raw log-probs' (one normaliser a row)
+                topk = (torch.stack([step.topk(top_k, -1).indices for step in result.logits], 1).to(torch.int32).cpu()
+                        .numpy() if top_k else None)
                 for row, (p, s) in enumerate(batch):
-                    out.append(self._finish(p, s, new[row].tolist(), logprobs[row].tolist()))
+                    out.append(self._finish(p, s, new[row].tolist(), logprobs[row].tolist(),
+                                            None if topk is None else topk[row]))
                 # response tokens up to EOS, the tokens/s of bench/engines.py
                 progress.update(len(batch), tokens=sum(len(g.response_ids) for g in out[-len(batch) :]))
         return out
 
-    def _finish(self, prompt_index, sample_idx, tokens, logprobs) -> Generation:
-        if self.eos_id in tokens:
-            end = tokens.index(self.eos_id) + 1
-            return Generation(prompt_index, sample_idx, tokens[:end], logprobs[:end], "stop")
-        return Generation(prompt_index, sample_idx, tokens, logprobs, "length")
+    def _finish(self, prompt_index, sample_idx, tokens, logprobs, topk_ids=None) -> Generation:
+        end, reason = (tokens.index(self.eos_id) + 1, "stop") if self.eos_id in tokens else (len(tokens), "length")
+        return Generation(prompt_index, sample_idx, tokens[:end], logprobs[:end], reason,
+                          None if topk_ids is None else topk_ids[:end])
 
     @torch.no_grad()
-    def score(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[Scores]:
-        """Teacher log-probs of each response token given prompt and previous tokens, plus top-k.
+    def score(self, prompts: list[list[int]], responses: list[list[int]], k: int,
+              at_ids: list[np.ndarray] | None = None) -> list[Scores]:
+        """Teacher log-probs of each response token given prompt and previous tokens, plus top-k, and with `at_ids`
+        (per response, [R, k_s] token ids: the behaviour policy's top-k) the log-probs at those ids too.
 
         Whole sequences are packed end to end into rows as long as the longest one (`pack`), as many rows a
         forward pass as fit in `score_pass_tokens`, and the head's logits are built `score_chunk_tokens`
@@ -183,13 +193,14 @@ class HFEngine(Engine):
             for start in range(0, len(rows), per_pass):
                 batch = rows[start : start + per_pass]
                 order = [i for row in batch for i in row]
-                for i, scores in zip(order, self._score_rows(prompts, responses, batch, width, k)):
+                for i, scores in zip(order, self._score_rows(prompts, responses, batch, width, k, at_ids)):
                     out[i] = scores
                 # prompt + response tokens: the forward pass reads both (bench/engines.py's scoring tokens/s)
                 progress.update(len(order), tokens=sum(lengths[i] for i in order))
         return out
 
-    def _score_rows(self, prompts, responses, rows: list[list[int]], width: int, k: int) -> list[Scores]:
+    def _score_rows(self, prompts, responses, rows: list[list[int]], width: int, k: int,
+                    at_ids: list[np.ndarray] | None = None) -> list[Scores]:
         """One forward pass over `rows` of packed sequences (indices into prompts), each row `width` tokens long.
 
         position_ids restart at 0 for each sequence and there is no attention mask, which transformers reads as
@@ -214,11 +225,14 @@ class HFEngine(Engine):
         ids, positions, scored = ids.to(self.device), positions.to(self.device), torch.cat(scored).to(self.device)
         hidden = self.model.base_model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         head = self.model.get_output_embeddings()
-        token_lp, top_lp, top_ids = head_scores(hidden.flatten(0, 1)[scored], head.weight, head.bias,
-                                                ids.flatten()[scored + 1], k, self.cfg.score_chunk_tokens)
+        gather = None if at_ids is None else torch.from_numpy(
+            np.concatenate([np.asarray(at_ids[i], dtype=np.int64) for row in rows for i in row])).to(self.device)
+        token_lp, top_lp, top_ids, at_lp = head_scores(hidden.flatten(0, 1)[scored], head.weight, head.bias,
+                                                       ids.flatten()[scored + 1], k, self.cfg.score_chunk_tokens,
+                                                       gather)
         splits = np.cumsum([len(responses[i]) for row in rows for i in row][:-1])
-        return [Scores(*parts) for parts in zip(*(np.split(x.cpu().numpy(), splits) for x in
-                                                  (token_lp, top_ids.to(torch.int32), top_lp)))]
+        parts = [token_lp, top_ids.to(torch.int32), top_lp] + ([] if at_lp is None else [at_lp])
+        return [Scores(*per_sequence) for per_sequence in zip(*(np.split(x.cpu().numpy(), splits) for x in parts))]
 
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -238,13 +252,15 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def head_scores(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, k: int,
-                chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Log-probs of `targets` and the top-k under logits F.linear(hidden, weight, bias), `chunk` rows at a time.
+                chunk: int, at_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Log-probs of `targets` and the top-k under logits F.linear(hidden, weight, bias), `chunk` rows at a time,
+    and with `at_ids` ([N, k_s]) the log-probs at those ids.
 
     The product runs in the weights' dtype (as the model's own head would), the log-softmax in float32; only one
-    chunk's [chunk, V] logits exist at once. Returns float32 [N], float32 [N, k] and int64 [N, k].
+    chunk's [chunk, V] logits exist at once. Returns float32 [N], float32 [N, k], int64 [N, k] and float32
+    [N, k_s] (None without `at_ids`).
     """
-    token_lp, top_lp, top_ids = [], [], []
+    token_lp, top_lp, top_ids, at_lp = [], [], [], []
     for start in range(0, len(hidden), chunk):
         logits = F.linear(hidden[start : start + chunk], weight, bias).float()
         logits -= logits.logsumexp(-1, keepdim=True)  # in place: a float32 head's logits are not copied
@@ -252,10 +268,12 @@ def head_scores(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
         top_lp.append(lp)
         top_ids.append(ids)
         token_lp.append(logits.gather(-1, targets[start : start + chunk, None]).squeeze(-1))
+        if at_ids is not None:
+            at_lp.append(logits.gather(-1, at_ids[start : start + chunk]))
     if not token_lp:  # no response tokens at all
         empty = hidden.new_empty(0, k, dtype=torch.float32)
-        return empty[:, 0], empty, empty.long()
-    return torch.cat(token_lp), torch.cat(top_lp), torch.cat(top_ids)
+        return empty[:, 0], empty, empty.long(), None if at_ids is None else empty.new_empty(0, at_ids.shape[-1])
+    return torch.cat(token_lp), torch.cat(top_lp), torch.cat(top_ids), None if at_ids is None else torch.cat(at_lp)
 
 
 class VLLMEngine(Engine):
@@ -303,9 +321,11 @@ class VLLMEngine(Engine):
         self.llm = None
         cleanup_dist_env_and_memory()
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int,
+                 top_k: int = 0) -> list[Generation]:
         """`sampling.n` responses per prompt, in prompt order. Each prompt gets its own seed derived
-        from (seed, prompt index), so a response does not depend on what else is in the batch."""
+        from (seed, prompt index), so a response does not depend on what else is in the batch. `top_k` > 0:
+        also the policy's top-k ids at each response token (vLLM's `logprobs=top_k`, raw log-probs)."""
         from vllm import SamplingParams
 
         greedy = sampling.temperature == 0
@@ -316,7 +336,7 @@ class VLLMEngine(Engine):
                 top_p=1.0 if greedy else sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
                 stop_token_ids=[self.eos_id],
-                logprobs=0,  # the sampled token's log-prob only
+                logprobs=top_k,  # the sampled token's log-prob, and the top_k's
                 seed=None if greedy else request_seed(seed, p),
                 detokenize=False,
             )
@@ -324,15 +344,19 @@ class VLLMEngine(Engine):
         ]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=is_terminal())
         return [
-            Generation(p, s, list(o.token_ids), sampled_logprobs(o.token_ids, o.logprobs), o.finish_reason)
+            Generation(p, s, list(o.token_ids), sampled_logprobs(o.token_ids, o.logprobs), o.finish_reason,
+                       sampled_topk_ids(o.token_ids, o.logprobs, top_k) if top_k else None)
             for p, request in enumerate(outputs)
             for s, o in enumerate(sorted(request.outputs, key=lambda o: o.index))
         ]
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[Scores]:
+    def score(self, prompts: list[list[int]], responses: list[list[int]], k: int,
+              at_ids: list[np.ndarray] | None = None) -> list[Scores]:
         """Teacher log-probs of each response token, from vLLM's prompt log-probs on prompt + response."""
         from vllm import SamplingParams
 
+        if at_ids is not None:
+            raise ValueError(AT_IDS_HF_ONLY.format(engine=self.name))
         # flat_logprobs: a few flat lists per request instead of k + 1 Logprob objects per position;
         # skip_reading_prefix_cache: every position is computed, none read from a cache of earlier requests
         # (vLLM issues 17251, 23399: prompt log-probs at cached positions are missing or stale in some versions).
@@ -361,8 +385,12 @@ class ServerEngine(Engine):
         raise ValueError("engine.name server only scores (the teacher_logprobs stage). Fix: set engine.name to hf or "
                          "vllm for the sampling stages (sft_data, rollouts, evaluate)")
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> list[Scores]:
+    def score(self, prompts: list[list[int]], responses: list[list[int]], k: int,
+              at_ids: list[np.ndarray] | None = None) -> list[Scores]:
         """Teacher log-probs of each response token, from the endpoint's prompt log-probs on prompt + response."""
+        if at_ids is not None:
+            raise ValueError(AT_IDS_HF_ONLY.format(engine=self.name))
+
         def one(i: int) -> Scores:
             sequence = prompts[i] + responses[i]
             body = {"model": self.model, "prompt": sequence, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
@@ -415,6 +443,21 @@ def sampled_logprobs(token_ids, logprobs) -> list[float]:
     if logprobs is None or len(logprobs) != len(token_ids):
         raise ValueError("vLLM returned no per-token log-probs: the request must set logprobs=0")
     return [float(pos[tok].logprob) for tok, pos in zip(token_ids, logprobs)]
+
+
+def sampled_topk_ids(token_ids, logprobs, k: int) -> np.ndarray:
+    """The policy's top-k ids at each sampled token, by rank, from vLLM's per-position {token_id: Logprob} dicts
+    (`logprobs=k`): k entries when the sampled token is among the top-k, else k + 1, the sampled token's added."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        raise ValueError(f"vLLM returned no per-token log-probs: the request must set logprobs={k}")
+    out = np.empty((len(token_ids), k), dtype=np.int32)
+    for t, (token, entries) in enumerate(zip(token_ids, logprobs)):
+        if len(entries) not in (k, k + 1) or (len(entries) == k + 1 and token not in entries):
+            raise ValueError(f"response position {t}: vLLM gave {len(entries)} log-prob entries, expected the top-{k} "
+                             f"and the sampled token {token}")
+        top = sorted((entry.rank, tid) for tid, entry in entries.items() if len(entries) == k or tid != token)
+        out[t] = [tid for _, tid in top]
+    return out
 
 
 def scores_from_flat_prompt_logprobs(prompt_logprobs, token_ids, prompt_len: int, k: int) -> Scores:
@@ -498,6 +541,15 @@ def engine_version(name: str) -> str:
 
     return f"hf (transformers {transformers.__version__})"
 
+
+AT_IDS_HF_ONLY = (
+    "engine.name {engine} cannot score the teacher at the rollouts' behavior_topk_ids (rollouts.student_top_k > 0): "
+    "its prompt log-probs give the teacher's own top-k only. Fix: run teacher_logprobs with engine.name hf "
+    "(e.g. opd teacher_logprobs ... --set engine.name=hf), or set rollouts.student_top_k: 0 and rerun rollouts"
+)
+"""The hf scorer gathers log-probs at any ids from the logits it computes; vLLM's and the server's prompt log-probs
+are the top-k and the actual token, so scoring at the behaviour top-k is refused there (README, the student's
+support)."""
 
 VLLM_MISSING = (
     "engine.name is vllm but vLLM is not installed. Fix: pip install -e '.[vllm]' on a GPU machine, "

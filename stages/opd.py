@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline import cache, cli, data, engines, models, shards, training
-from pipeline.config import ConfigError, EngineConfig, OpdConfig, SamplingConfig, TeacherLogprobsConfig, load_section
+from pipeline.config import ConfigError, EngineConfig, OpdConfig, RolloutsConfig, TeacherLogprobsConfig, load_section
 from pipeline.prompts import read_split
 from stages import rollouts as rollouts_stage
 from stages import teacher_logprobs as teacher_stage
@@ -41,7 +41,7 @@ log = logging.getLogger("opd")
 class Refresh:
     """What refresh rounds (opd.refresh_every > 0) need besides the offline inputs."""
 
-    rollouts: SamplingConfig
+    rollouts: RolloutsConfig
     teacher_logprobs: TeacherLogprobsConfig
     engine: EngineConfig
     models_dir: Path

@@ -3,6 +3,8 @@
     python -m stages.rollouts --params params.yaml --policy models/sft --prompts data/prompts --out data/rollouts
 
 The log-probs (raw, temperature 1) are the behaviour policy mu's, for importance weights in OPD.
+With `rollouts.student_top_k` = k_s > 0 each response token also keeps mu's top-k_s ids
+(`behavior_topk_ids`), the student's support on which teacher_logprobs then scores the teacher.
 Shard i uses seed `rollouts.seed + i`, so a crashed run resumes with exactly the rows an
 uninterrupted run writes, and `--shard w --num-shards n` workers (shards i % n == w each) together
 write exactly the rows of one worker.
@@ -13,11 +15,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from data_schemas import rollouts as rollouts_schema
+from data_schemas import topk_column
 from pipeline import cli, engines, models, shards
-from pipeline.config import EngineConfig, SamplingConfig, load_section
+from pipeline.config import EngineConfig, RolloutsConfig, load_section
 from pipeline.prompts import prompts_sha256, read_chat, read_split
 from pipeline.provenance import stage_provenance
 
@@ -28,7 +32,7 @@ SEED_STRIDE = 1_000_000
 """Shard i of round r samples with seed `rollouts.seed + r * SEED_STRIDE + i`: rounds never share a seed."""
 
 
-def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts_dir: Path, out: Path,
+def run(cfg: RolloutsConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts_dir: Path, out: Path,
         round_: int = 0, worker: tuple[int, int] = (0, 1), replace_stale: bool = False,
         prompts: list[dict] | None = None) -> int:
     """Sample `prompts` (default: the opd split of `prompts_dir`) into shards under `out`."""
@@ -45,7 +49,10 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
 
     def make_table(index: int, rows: slice) -> pa.Table:
         chunk, prompt_ids = prompts[rows], encoded[rows]
-        gens = engine.get().generate(prompt_ids, cfg, seed=cfg.seed + round_ * SEED_STRIDE + index)
+        student_k = cfg.student_top_k
+        gens = engine.get().generate(prompt_ids, cfg, seed=cfg.seed + round_ * SEED_STRIDE + index, top_k=student_k)
+        topk = {rollouts_schema.TOPK_IDS: topk_column([np.asarray(g.topk_ids, dtype=np.int32) for g in gens],
+                                                      pa.int32(), student_k)} if student_k else {}
         return pa.table(
             {
                 "prompt_id": [chunk[g.prompt_index]["prompt_id"] for g in gens],
@@ -55,12 +62,14 @@ def run(cfg: SamplingConfig, engine_cfg: EngineConfig, policy_dir: Path, prompts
                 "response_ids": [g.response_ids for g in gens],
                 "behavior_logprobs": [g.logprobs for g in gens],
                 "finish_reason": [g.finish_reason for g in gens],
+                **topk,
             }
         )
 
-    with engines.LazyEngine(policy_dir, engine_cfg) as engine:  # loaded only if a shard is missing
+    # loaded only if a shard is missing; vLLM must allow student_top_k log-probs a token
+    with engines.LazyEngine(policy_dir, engine_cfg, cfg.student_top_k) as engine:
         written = shards.fill_shards(out, len(prompts), cfg.rows_per_shard, make_table, rollouts_schema, provenance,
-                                     worker, replace_stale)
+                                     worker, replace_stale, student_k=cfg.student_top_k)
     log.info("%s: %d shards written (%d prompts x %d samples)", out, written, len(prompts), cfg.n)
     return written
 

@@ -4,7 +4,10 @@ r"""The teacher scores the rollouts once; its log-probs are cached in Parquet sh
         --out data/teacher_cache
 
 Cache shard i scores rollout shard i row by row (same keys, same order). Per response token it
-stores the teacher's exact log-prob of the sampled token (float32) and its top-k ids and log-probs.
+stores the teacher's exact log-prob of the sampled token (float32) and its top-k ids and log-probs;
+when the rollouts hold the behaviour policy's top-k_s ids (rollouts.student_top_k), also the teacher's
+log-probs at those ids (hf scorer only: vLLM's and the server's prompt log-probs cannot be asked for
+log-probs at given ids, so they are refused with the fix).
 Finished shards are kept on rerun, so a killed run recomputes only what is missing, and
 `--shard w --num-shards n` workers split the shards between them (shards i % n == w each).
 """
@@ -17,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from data_schemas import SchemaError, teacher_cache
 from data_schemas import rollouts as rollouts_schema
-from data_schemas import teacher_cache
 from pipeline import cli, engines, models, shards
 from pipeline.config import ConfigError, EngineConfig, TeacherLogprobsConfig, load_section
 from pipeline.provenance import stage_provenance
@@ -27,8 +31,11 @@ from pipeline.provenance import stage_provenance
 log = logging.getLogger("teacher_logprobs")
 
 
-def scores_table(rollouts: pa.Table, scores: list[engines.Scores], k: int) -> pa.Table:
-    """The cache rows for `rollouts` (keys copied) from the engine's scores."""
+def scores_table(rollouts: pa.Table, scores: list[engines.Scores], k: int, student_k: int = 0) -> pa.Table:
+    """The cache rows for `rollouts` (keys copied) from the engine's scores (with `student_k`, their log-probs at the
+    behaviour top-k ids)."""
+    behavior = {teacher_cache.BEHAVIOR_TOPK: teacher_cache.topk_column(
+        [s.at_ids_logprobs.astype(np.float16) for s in scores], pa.float16(), student_k)} if student_k else {}
     return pa.table(
         {
             **{key: rollouts[key] for key in teacher_cache.KEYS},
@@ -36,6 +43,7 @@ def scores_table(rollouts: pa.Table, scores: list[engines.Scores], k: int) -> pa
             "teacher_topk_ids": teacher_cache.topk_column([s.topk_ids for s in scores], pa.int32(), k),
             "teacher_topk_logprobs": teacher_cache.topk_column([s.topk_logprobs.astype(np.float16) for s in scores],
                                                                pa.float16(), k),
+            **behavior,
         }
     )
 
@@ -54,15 +62,33 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
                           f"of {teacher_vocab} tokens. Fix: set teacher_logprobs.top_k to at most {teacher_vocab}")
     student_vocab = models.model_config(manifest["student"]["path"]).vocab_size
     rollout_paths = shards.complete_shards(rollouts_dir, rollouts_schema)
+    # k_s of the rollouts (rollouts.student_top_k; 0 without behaviour top-k): every shard of one run has the same
+    student_k = rollouts_schema.student_k_of(shards.checked_schema(rollout_paths[0], rollouts_schema), rollout_paths[0])
+    if student_k and engine_cfg.name != "hf":
+        raise ConfigError(f"{rollout_paths[0]}: " + engines.AT_IDS_HF_ONLY.format(engine=engine_cfg.name))
 
     def provenance(index: int) -> dict:
         return stage_provenance("teacher_logprobs", engine=engine_cfg.name, teacher=models.identity(teacher),
-                                temperature=1.0, k=cfg.top_k, rollouts_sha256=shards.file_sha256(rollout_paths[index]))
+                                temperature=1.0, k=cfg.top_k, student_k=student_k,
+                                rollouts_sha256=shards.file_sha256(rollout_paths[index]))
 
     def make_table(index: int, _rows) -> pa.Table:
-        rollouts, _ = shards.read_shard(rollout_paths[index], rollouts_schema)
-        scores = lazy.get().score(rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist(), cfg.top_k)
-        table = scores_table(rollouts, scores, cfg.top_k)
+        path = rollout_paths[index]
+        rollouts, _ = shards.read_shard(path, rollouts_schema)
+        if rollouts_schema.student_k_of(rollouts) != student_k:
+            raise SchemaError(f"{path} holds {rollouts_schema.student_k_of(rollouts)} behaviour top-k ids a token but "
+                              f"{rollout_paths[0]} holds {student_k}: the shards come from different runs. Fix: delete "
+                              f"{rollouts_dir} and rerun {rollouts_schema.PRODUCED_BY}.", path)
+        at_ids = None
+        if student_k:
+            teacher_cache.check_ids_below(rollouts, teacher_vocab, path, rollouts_schema.TOPK_IDS, "teacher")
+            # per row [R, k_s] views of one flat buffer (not pipeline.data, whose edits must not make caches stale)
+            ids = rollouts[rollouts_schema.TOPK_IDS].combine_chunks()
+            flat = ids.flatten().flatten().to_numpy().reshape(-1, student_k)
+            at_ids = np.split(flat, np.cumsum(pc.list_value_length(ids).to_numpy())[:-1])
+        scores = lazy.get().score(rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist(), cfg.top_k,
+                                  at_ids)
+        table = scores_table(rollouts, scores, cfg.top_k, student_k)
         teacher_cache.check_ids_below(table, student_vocab, shards.shard_path(out, index))
         return table
 
@@ -70,7 +96,7 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
     with (contextlib.nullcontext(engine) if engine
           else engines.LazyEngine(teacher["path"], engine_cfg, cfg.top_k)) as lazy:
         written = shards.fill_shards(out, len(rollout_paths), 1, make_table, teacher_cache, provenance, worker,
-                                     replace_stale, k=cfg.top_k)
+                                     replace_stale, k=cfg.top_k, student_k=student_k)
     log.info("%s: %d of %d shards scored now", out, written, len(rollout_paths))
     return written
 

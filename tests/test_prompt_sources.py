@@ -20,7 +20,7 @@ from pipeline.config import (
     EngineConfig,
     PromptsConfig,
     PromptSplitsConfig,
-    SamplingConfig,
+    RolloutsConfig,
     TaskConfig,
     ToyModelConfig,
     from_dict,
@@ -267,7 +267,7 @@ def test_chat_settings_reach_the_stages_that_encode(tmp_path, chat_tokenizer_dir
     tokenizer = models.load_tokenizer(chat_tokenizer_dir)
     policy = tmp_path / "policy"
     models.save_model(models.build_toy_model(ToyModelConfig(64, 1, 64, 1), tokenizer, seed=0), tokenizer, policy)
-    rollouts.run(SamplingConfig(n=1, max_new_tokens=2), EngineConfig(batch_size=8), policy, tmp_path / "p",
+    rollouts.run(RolloutsConfig(n=1, max_new_tokens=2), EngineConfig(batch_size=8), policy, tmp_path / "p",
                  tmp_path / "rollouts")
     table, _ = shards.read_shards(tmp_path / "rollouts", rollouts_schema)
     prompt_of = {r["prompt_id"]: r["prompt"] for r in rows}
