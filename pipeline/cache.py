@@ -1,5 +1,5 @@
 """The teacher cache for training: every rollout/cache shard pair checked before training starts (checksum,
-schema, alignment, k, ids within the student's vocabulary, teacher consistency), then streamed as training
+schema, alignment, k and k_s, ids within the student's vocabulary, teacher consistency), then streamed as training
 rows a few shards at a time (pipeline.data.ShardedRows)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_schemas import SchemaError, teacher_cache
+from data_schemas import VERSION_KEY, SchemaError, teacher_cache
 from data_schemas import rollouts as rollouts_schema
 from pipeline import data, shards
 from pipeline.config import ConfigError, OpdConfig
@@ -34,7 +34,10 @@ def read_pair(rollout_path: Path, cache_path: Path) -> tuple[pa.Table, pa.Table,
 
 def shard_rows(rollouts: pa.Table, cache: pa.Table) -> list[dict]:
     """Training rows of one shard pair: per-row numpy views (tokens, behaviour and teacher signal)."""
-    k = teacher_cache.k_of(cache)
+    k, student_k = teacher_cache.k_of(cache), teacher_cache.student_k_of(cache)
+    behavior = {"behavior_topk_ids": data.row_arrays(rollouts[rollouts_schema.TOPK_IDS], student_k),
+                "teacher_behavior_topk_logprobs": data.row_arrays(cache[teacher_cache.BEHAVIOR_TOPK], student_k),
+                } if student_k else {}
     columns = {
         "prompt_ids": data.row_arrays(rollouts["prompt_ids"]),
         "response_ids": data.row_arrays(rollouts["response_ids"]),
@@ -42,13 +45,16 @@ def shard_rows(rollouts: pa.Table, cache: pa.Table) -> list[dict]:
         "teacher_logprobs": data.row_arrays(cache["teacher_token_logprobs"]),
         "teacher_topk_ids": data.row_arrays(cache["teacher_topk_ids"], k),
         "teacher_topk_logprobs": data.row_arrays(cache["teacher_topk_logprobs"], k),
+        **behavior,
     }
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
-def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 8, vocab_size: int | None = None):
+def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 8, vocab_size: int | None = None,
+               student_support: bool = False):
     """Check every shard pair before training starts (a bad shard fails now, not hours in): each one's
-    checksum, schema, alignment and k, and with `vocab_size` (the student's) its top-k ids. Returns the
+    checksum, schema, alignment, k and k_s, with `vocab_size` (the student's) its top-k ids, and with
+    `student_support` (opd.topk_support union) that it holds the behaviour top-k. Returns the
     streaming dataset over them, each row's length (for bucketing) and the cache's provenance."""
     cache_paths = shards.list_shards(cache_dir)
     rollout_paths = shards.list_shards(rollouts_dir)
@@ -58,15 +64,19 @@ def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 
             f"the cache is incomplete or from other rollouts. Fix: rerun the teacher_logprobs stage.",
             cache_dir,
         )
-    sizes, lengths, cache_provenance, first_k = [], [], None, None
+    sizes, lengths, cache_provenance, first = [], [], None, None
     for rollout_path, cache_path in zip(rollout_paths, cache_paths):
         rollouts, cache, provenance = read_pair(rollout_path, cache_path)
-        k = teacher_cache.k_of(cache, cache_path)
-        first_k = first_k or k
-        if k != first_k or provenance.get("k") != k:
-            raise SchemaError(f"{cache_path} holds top-k {k} (its provenance says {provenance.get('k')}) but "
-                              f"{cache_paths[0]} holds {first_k}: the shards come from different runs. "
+        widths = teacher_cache.k_of(cache, cache_path), teacher_cache.student_k_of(cache, cache_path)
+        first = first or widths
+        # a cache written before k_s was recorded holds none
+        if widths != first or (provenance.get("k"), provenance.get("student_k", 0)) != widths:
+            raise SchemaError(f"{cache_path} holds top-k {widths[0]} and behaviour top-k {widths[1]} (its provenance "
+                              f"says {provenance.get('k')} and {provenance.get('student_k', 0)}) but {cache_paths[0]} "
+                              f"holds {first[0]} and {first[1]}: the shards come from different runs. "
                               f"Fix: delete {cache_dir} and rerun the teacher_logprobs stage.", cache_path)
+        if student_support and not widths[1]:
+            raise no_student_support(rollout_path, rollouts)
         if vocab_size is not None:
             teacher_cache.check_ids_below(cache, vocab_size, cache_path)
         sizes.append(rollouts.num_rows)
@@ -79,6 +89,16 @@ def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 
 
     dataset = data.ShardedRows(sizes, load, max_shards_in_memory)
     return dataset, lengths, cache_provenance
+
+
+def no_student_support(rollout_path: Path, rollouts: pa.Table) -> ConfigError:
+    """The refusal of opd.topk_support union on rollouts without the behaviour top-k (a cache holds it exactly
+    when its rollouts do: read_pair checks), naming the shard and the fix."""
+    version = (rollouts.schema.metadata or {}).get(VERSION_KEY, b"?").decode()
+    return ConfigError(f"{rollout_path}: rollouts v{version} without behavior_topk_ids (written with "
+                       f"rollouts.student_top_k 0, or before it existed), but opd.topk_support union trains on the "
+                       f"behaviour policy's top-k. Fix: set rollouts.student_top_k (e.g. 8) and rerun rollouts and "
+                       f"teacher_logprobs (hf scorer; dvc repro teacher_logprobs), or set opd.topk_support: teacher")
 
 
 def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: dict) -> None:

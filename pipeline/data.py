@@ -235,7 +235,8 @@ def collate(rows: list[dict], pad_id: int, packed: bool = False) -> dict[str, to
     when no attention_mask is given; flash-attention's variable-length path). The positions come in the
     same order as the padded batch's masked ones, so the losses (token means) are the same.
     Optional row fields: `behavior_logprobs` [R], `teacher_logprobs` [R], `teacher_topk_ids`/
-    `teacher_topk_logprobs` [R, k], all aligned with `response_ids`. Rows may hold lists or numpy
+    `teacher_topk_logprobs` [R, k], `behavior_topk_ids`/`teacher_behavior_topk_logprobs` [R, k_s], all aligned
+    with `response_ids`. Rows may hold lists or numpy
     arrays; the batch is assembled in numpy (slice copies, no per-token Python) and shared with torch.
     """
     prompt_lens = np.array([len(r["prompt_ids"]) for r in rows])
@@ -250,7 +251,7 @@ def collate(rows: list[dict], pad_id: int, packed: bool = False) -> dict[str, to
             "mask": cols >= np.repeat(prompt_lens - 1, positions)}  # position p - 1 predicts the first response token
     for key in (k for k in RESPONSE_FIELDS if k in rows[0]):
         values = np.concatenate([np.asarray(r[key]) for r in rows])
-        dtype = np.int64 if key == "teacher_topk_ids" else np.float32
+        dtype = np.int64 if key.endswith("_ids") else np.float32
         flat[key] = np.zeros((len(cols), *values.shape[1:]), dtype=dtype)
         flat[key][flat["mask"]] = values  # response tokens are the masked positions, in the same order
     if packed:
@@ -266,5 +267,6 @@ def collate(rows: list[dict], pad_id: int, packed: bool = False) -> dict[str, to
     return {key: torch.from_numpy(value) for key, value in batch.items()}
 
 
-RESPONSE_FIELDS = ("behavior_logprobs", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
+RESPONSE_FIELDS = ("behavior_logprobs", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs",
+                   "behavior_topk_ids", "teacher_behavior_topk_logprobs")
 """Optional per-response-token row fields, placed at the response's positions by `collate`."""

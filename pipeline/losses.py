@@ -21,6 +21,7 @@ turns into a NaN gradient (0 * inf in the backward pass).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -273,6 +274,29 @@ def _topk_divergence(
     return torch.where(support, per_token, torch.zeros_like(per_token))
 
 
+def union_support(ids: list[Tensor], teacher_logprobs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Cached entries of several supports as one, each id once: ``[..., k_i]`` ids and teacher log-probs
+    concatenated along the last dimension, in the order given, with every repeat of an id (and so its
+    student probability, which the buckets gather again) left out by setting its teacher log-prob to -inf,
+    as for a padded entry. The first finite entry of an id is the one kept, so list the most precise
+    source first (the float32 sampled token before the float16 top-k's). The sampled token, the
+    teacher's top-k and the behaviour policy's top-k_s give ``k + k_s + 1`` entries; duplicates are
+    found by one stable sort of the ids, not by comparing all pairs.
+    """
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in teacher_logprobs), torch.float32)
+    logp = torch.cat([x.to(dtype) for x in teacher_logprobs], -1)
+    entries = torch.cat([x.long() for x in ids], -1)
+    # Entries outside the support (-inf, NaN) get ids of their own (negative, never a token's) so that they
+    # cannot stand for a finite entry of the same id.
+    slot = torch.arange(entries.shape[-1], device=entries.device)
+    keyed = torch.where(torch.isfinite(logp), entries, -1 - slot)
+    order = keyed.argsort(-1, stable=True)
+    ranked = keyed.gather(-1, order)
+    repeat = torch.cat([torch.zeros_like(ranked[..., :1], dtype=torch.bool), ranked[..., 1:] == ranked[..., :-1]], -1)
+    repeat = torch.zeros_like(repeat).scatter(-1, order, repeat)
+    return entries, logp.masked_fill(repeat, -math.inf)
+
+
 def topk_divergence_loss(
     student_logits: Tensor,
     teacher_topk_ids: Tensor,
@@ -358,6 +382,8 @@ class Objective:
         teacher_logprobs: Tensor | None = None,
         teacher_topk_ids: Tensor | None = None,
         teacher_topk_logprobs: Tensor | None = None,
+        behavior_topk_ids: Tensor | None = None,
+        teacher_behavior_topk_logprobs: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The loss with its options, at the batch's positions.
 
@@ -375,6 +401,9 @@ class Objective:
 
         * ``temperature`` divides the student logits in every term; the teacher log-probs stay raw.
         * ``top_k`` keeps the first k cached teacher entries.
+        * ``topk_support`` union: wherever the top-k is read (topk terms, vopd, divergence selection) its entries are
+          union_support of the sampled token (``targets``, ``teacher_logprobs``), the teacher's top-k and the
+          behaviour policy's top-k_s (``behavior_topk_ids`` ``[B, T, k_s]``, ``teacher_behavior_topk_logprobs``).
         * opd term: sampled_token_opd_loss with ``clip_eps``, ``old_logprobs`` (None: on-policy; ``clip_against``
           behavior: ``behavior_logprobs``), ``importance_cap`` against ``behavior_logprobs``, and with ``vopd``
           the detached per-token reverse KL on the cached top-k (``rest_bucket`` view) as baseline.
@@ -391,8 +420,15 @@ class Objective:
                                                        for x in (teacher_topk_ids, teacher_topk_logprobs))
         signals = dict(targets=targets, old_logprobs=old_logprobs, behavior_logprobs=behavior_logprobs,
                        teacher_logprobs=teacher_logprobs, teacher_topk_ids=teacher_topk_ids,
-                       teacher_topk_logprobs=teacher_topk_logprobs)
+                       teacher_topk_logprobs=teacher_topk_logprobs, behavior_topk_ids=behavior_topk_ids,
+                       teacher_behavior_topk_logprobs=teacher_behavior_topk_logprobs)
         self.check_signals(signals)
+        behavior_ids, behavior_lp = signals.pop("behavior_topk_ids"), signals.pop("teacher_behavior_topk_logprobs")
+        if options.topk_support == "union":
+            # one [B, T, 1 + k + k_s] support from here on, in the full-logits and the chunked path alike
+            signals["teacher_topk_ids"], signals["teacher_topk_logprobs"] = union_support(
+                [targets.unsqueeze(-1), teacher_topk_ids, behavior_ids],
+                [teacher_logprobs.unsqueeze(-1), teacher_topk_logprobs, behavior_lp])
         if options.clip_against == "behavior":
             signals["old_logprobs"] = behavior_logprobs
         mask = mask.to(torch.bool)
@@ -411,8 +447,10 @@ class Objective:
         options, needed = self.options, []
         if "opd" in options.terms:
             needed.append("teacher_logprobs")
-        if self.needs_topk_kl or any(term.startswith("topk_") for term in options.terms):
+        if options.reads_topk:
             needed += ["teacher_topk_ids", "teacher_topk_logprobs"]
+            if options.topk_support == "union":
+                needed += ["teacher_logprobs", "behavior_topk_ids", "teacher_behavior_topk_logprobs"]
         if options.clip_against == "behavior":
             if signals["old_logprobs"] is not None:
                 raise ValueError("clip_against behavior takes pi_old from behavior_logprobs: give no old_logprobs")

@@ -67,6 +67,8 @@ class DistillModule(L.LightningModule):
             teacher_logprobs=batch.get("teacher_logprobs"),
             teacher_topk_ids=batch.get("teacher_topk_ids"),
             teacher_topk_logprobs=batch.get("teacher_topk_logprobs"),
+            behavior_topk_ids=batch.get("behavior_topk_ids"),
+            teacher_behavior_topk_logprobs=batch.get("teacher_behavior_topk_logprobs"),
         )
 
     def training_step(self, batch, batch_idx):

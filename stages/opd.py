@@ -13,7 +13,8 @@ provenance, and training moves on to them. N = 1 is standard online OPD. A kille
 the last finished round (or the last checkpoint) and writes exactly what an uninterrupted run does.
 Training refuses a cache scored by another teacher than the one that wrote
 the SFT data (the paper's teacher-consistency condition), a teacher whose tokenizer differs from the
-student's, a cache of other rollouts, and a top_k above the cache's k.
+student's, a cache of other rollouts, a top_k above the cache's k, and opd.topk_support union on rollouts
+without the behaviour top-k (rollouts.student_top_k 0).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class _Rounds:
             dirs = self.dirs(round_)
         else:
             dirs = self.write(round_, trainer.lightning_module.model, start_step)
-        rows, lengths, provenance = cache.open_cache(*dirs, self.cfg.max_shards_in_memory)
+        rows, lengths, provenance = cache.open_cache(*dirs, self.cfg.max_shards_in_memory,
+                                                     student_support=self.cfg.topk_support == "union")
         self.check(provenance)
         return rows, lengths
 
@@ -122,9 +124,13 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
         rounds_dir: Path | None = None, refresh: Refresh | None = None) -> Path:
     if cfg.refresh_every and (refresh is None or rounds_dir is None):
         raise ConfigError("opd.refresh_every needs --models, --prompts and --rounds (see dvc.yaml's opd stage)")
+    union = cfg.topk_support == "union"
+    if union and cfg.refresh_every and not refresh.rollouts.student_top_k:
+        raise ConfigError("opd.topk_support union with opd.refresh_every: the refresh rounds' rollouts need the "
+                          "behaviour top-k too. Fix: set rollouts.student_top_k (e.g. 8), or opd.topk_support: teacher")
     sft_provenance = models.read_provenance(sft_model)
     rows, lengths, cache_provenance = cache.open_cache(rollouts_dir, cache_dir, cfg.max_shards_in_memory,
-                                                       models.model_config(sft_model).vocab_size)
+                                                       models.model_config(sft_model).vocab_size, union)
     cache.check_consistency(cfg, sft_provenance, cache_provenance)
     model = models.load_model(sft_model)
     tokenizer = models.load_tokenizer(sft_model)
