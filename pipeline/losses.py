@@ -290,7 +290,7 @@ def union_support(ids: list[Tensor], teacher_logprobs: list[Tensor]) -> tuple[Te
     # cannot stand for a finite entry of the same id.
     slot = torch.arange(entries.shape[-1], device=entries.device)
     keyed = torch.where(torch.isfinite(logp), entries, -1 - slot)
-    order = keyed.argsort(-1, stable=True)
+    order = keyed.argsort(dim=-1, stable=True)
     ranked = keyed.gather(-1, order)
     repeat = torch.cat([torch.zeros_like(ranked[..., :1], dtype=torch.bool), ranked[..., 1:] == ranked[..., :-1]], -1)
     repeat = torch.zeros_like(repeat).scatter(-1, order, repeat)

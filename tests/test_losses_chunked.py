@@ -16,9 +16,12 @@ CHUNK_OPTIONS = {
     "divergence_selection": dict(token_fraction=0.6, token_select="divergence", topk_tail="renorm_both", jsd_beta=0.3,
                                  clip_eps=None),
     "opd_options": dict(vopd=True, importance_cap=1.5, topk_tail="rest_bucket"),  # and old_logprobs
+    "union_support": dict(topk_support="union", topk_tail="rest_bucket", token_fraction=0.6,
+                          token_select="divergence"),
 }
 CHUNK_CASES = [(name, variant) for name in LOSSES for variant in CHUNK_OPTIONS
-               if variant != "opd_options" or "opd" in name.split("+")]
+               if (variant != "opd_options" or "opd" in name.split("+"))
+               and (variant != "union_support" or "topk" in name)]
 
 
 def _hidden_inputs(gen, k=3, dtype=torch.float64):
@@ -33,9 +36,12 @@ def _hidden_inputs(gen, k=3, dtype=torch.float64):
     teacher = torch.log_softmax(torch.randn(B, T_LONG, V, generator=gen, dtype=dtype), -1)
     top_lp, top_ids = teacher.topk(k, -1)
     teacher_lp = teacher.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    # the behaviour policy's top-2, overlapping the teacher's top-3 here and there (V = 5)
+    behavior_ids = torch.randn(B, T_LONG, V, generator=gen).topk(2, -1).indices
     signals = dict(targets=targets, mask=mask, teacher_logprobs=teacher_lp,
                    behavior_logprobs=teacher_lp + torch.randn(B, T_LONG, generator=gen, dtype=dtype),
-                   teacher_topk_ids=top_ids, teacher_topk_logprobs=top_lp)
+                   teacher_topk_ids=top_ids, teacher_topk_logprobs=top_lp, behavior_topk_ids=behavior_ids,
+                   teacher_behavior_topk_logprobs=teacher.gather(-1, behavior_ids))
     return hidden, weight, bias, signals
 
 
@@ -127,11 +133,15 @@ def test_training_step_from_hidden_states_matches_full_logits():
              "behavior_logprobs": -rng.random(r).astype(np.float32),
              "teacher_logprobs": -rng.random(r).astype(np.float32),
              "teacher_topk_ids": rng.integers(0, vocab, (r, k)).astype(np.int32),
-             "teacher_topk_logprobs": np.sort(-rng.exponential(1.0, (r, k)), axis=1)[:, ::-1].astype(np.float16)}
+             "teacher_topk_logprobs": np.sort(-rng.exponential(1.0, (r, k)), axis=1)[:, ::-1].astype(np.float16),
+             "behavior_topk_ids": rng.integers(0, vocab, (r, 2)).astype(np.int32),
+             "teacher_behavior_topk_logprobs": -rng.exponential(2.0, (r, 2)).astype(np.float16)}
             for r in (1, 5, 3, 4)]
     batch = next(iter(data.in_memory(rows, 4, tokenizer.pad_token_id, 0).train_dataloader()))
     opd = dict(loss="opd+topk_fkl", token_fraction=0.5, vopd=True, sft_weight=0.2)
+    union = dict(opd, loss="opd+topk_rkl", topk_support="union", topk_tail="rest_bucket")
     for make, loss in ((lambda chunk: OpdConfig(**opd, loss_chunk_tokens=chunk), opd["loss"]),
+                       (lambda chunk: OpdConfig(**union, loss_chunk_tokens=chunk), union["loss"]),
                        (lambda chunk: TrainConfig(loss_chunk_tokens=chunk), "sft")):
         results = []
         for chunk in (0, 3):
