@@ -69,6 +69,12 @@ def test_packed_chunked_scores_equal_padded_full_logits(config, tmp_path):
         np.testing.assert_allclose(g.token_logprobs, w.token_logprobs, atol=1e-5)
         np.testing.assert_allclose(g.topk_logprobs, w.topk_logprobs, atol=1e-5)
         np.testing.assert_array_equal(g.topk_ids, w.topk_ids)
+    # At given ids (the behaviour top-k_s), in their order: the teacher's own top-k reversed gives its log-probs
+    # reversed, through the same packed rows and chunks.
+    at = engine.score(prompts, responses, k, [w.topk_ids[:, ::-1] for w in want])
+    for g, w in zip(at, want):
+        assert g.at_ids_logprobs.shape == w.topk_ids.shape and g.at_ids_logprobs.dtype == np.float32
+        np.testing.assert_allclose(g.at_ids_logprobs, w.topk_logprobs[:, ::-1], atol=1e-5)
 
 
 def test_bfloat16_scores_are_close_to_the_padded_path(tmp_path):

@@ -93,6 +93,18 @@ def test_sampled_logprobs_reads_each_sampled_token():
         engines.sampled_logprobs([3, 2], None)
 
 
+def test_sampled_topk_ids_are_the_top_k_by_rank_without_an_extra_sampled_token():
+    # position 0: the sampled token 3 is among the top-2; position 1: token 7 is outside them, its entry added
+    logprobs = [{5: Logprob(-1.0, 2), 3: Logprob(-0.5, 1)},
+                {7: Logprob(-4.0, 9), 1: Logprob(-0.2, 1), 2: Logprob(-2.0, 2)}]
+    got = engines.sampled_topk_ids([3, 7], logprobs, 2)
+    assert got.dtype == np.int32 and got.tolist() == [[3, 5], [1, 2]]
+    with pytest.raises(ValueError, match="expected the top-2 and the sampled token 7"):
+        engines.sampled_topk_ids([3, 7], [logprobs[0], {1: Logprob(-0.2, 1)}], 2)
+    with pytest.raises(ValueError, match="logprobs=2"):
+        engines.sampled_topk_ids([3, 7], None, 2)
+
+
 def test_request_seeds_are_stable_and_distinct():
     seeds = [engines.request_seed(s, p) for s in range(3) for p in range(1000)]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
