@@ -329,7 +329,7 @@ def test_cache_shards_of_another_k_are_refused(run_copy, tmp_path):
     teacher_logprobs.run(cfg, section("engine"), run_copy / "models/base", run_copy / "data/rollouts", tmp_path / "k3",
                          worker=(1, count))
     shutil.copy(shards.shard_path(tmp_path / "k3", 1), shards.shard_path(cache, 1))  # same rollouts, another k
-    with pytest.raises(SchemaError, match=r"part-00001\.parquet holds top-k 3 .* holds 4: the shards come from "
+    with pytest.raises(SchemaError, match=r"part-00001\.parquet holds top-k 3 .* holds 4 and 0: the shards come from "
                                           r"different runs\. Fix: delete"):
         open_cache(run_copy / "data/rollouts", cache)
 

@@ -87,10 +87,10 @@ def test_cosmetic_edits_keep_the_cache_and_a_value_change_makes_it_stale(run_cop
     _edit(project / "pipeline/progress.py", "ETA", "eta")
     _edit(project / "pipeline/engines.py", "Fix: set engine.name to hf or", "To fix it, set engine.name to hf or")
     _edit(project / "stages/teacher_logprobs.py", '"%s: %d of %d shards scored now"', '"%s: scored %d of %d shards"')
-    _edit(project / "data_schemas/teacher_cache.py", "def topk_column(", "# top-k columns\ndef topk_column(")
+    _edit(project / "data_schemas/__init__.py", "def topk_column(", "# top-k columns\ndef topk_column(")
     assert rescore() == before
     # How a value is stored: every shard is stale and rescored.
-    _edit(project / "data_schemas/teacher_cache.py", "np.concatenate([a.reshape(-1) for a in arrays])",
+    _edit(project / "data_schemas/__init__.py", "np.concatenate([a.reshape(-1) for a in arrays])",
           "np.concatenate([a.reshape(-1) + 0 for a in arrays])")
     after = rescore()
     assert after.keys() == before.keys() and all(after[name] != before[name] for name in before)

@@ -58,7 +58,7 @@ def test_round_trip(tmp_path, artefact, make):
 
     metadata = pq.read_metadata(path)
     assert metadata.metadata[SCHEMA_KEY] == artefact.NAME.encode()
-    assert metadata.metadata[VERSION_KEY] == b"1"
+    assert metadata.metadata[VERSION_KEY] == str(artefact.VERSION).encode()
     assert metadata.row_group(0).column(0).compression == "ZSTD"
 
 
@@ -168,13 +168,13 @@ def test_read_shard_refuses_another_artefact_or_version(tmp_path):
     with pytest.raises(SchemaError) as error:
         read_shard(path, teacher_cache)
     message = str(error.value)
-    assert str(path) in message and "holds rollouts v1, expected teacher_cache v1" in message
+    assert str(path) in message and "holds rollouts v2, expected teacher_cache v2" in message
 
     old = tmp_path / "old" / "part-00000.parquet"
     old.parent.mkdir()
     table = rollouts_table()
     pq.write_table(table.replace_schema_metadata({SCHEMA_KEY: b"rollouts", VERSION_KEY: b"0"}), old)
-    with pytest.raises(SchemaError, match=r"holds rollouts v0, expected rollouts v1: "
+    with pytest.raises(SchemaError, match=r"holds rollouts v0, expected rollouts v2: "
                                           r"it was written by another stage or another version"):
         read_shard(old, rollouts)
 
