@@ -258,3 +258,38 @@ def test_file_metadata_must_name_this_artefact_and_version():
 
     with pytest.raises(SchemaError, match="not written by this pipeline"):
         check_metadata(rollouts.schema().remove_metadata(), rollouts, PATH)
+
+
+# --- the behaviour top-k columns (rollouts.student_top_k) -------------------------------------------
+
+
+def test_behaviour_top_k_columns_round_trip_their_width_and_refuse_a_wrong_length():
+    ids = [[[4, 1]] * 2, [[6, 0]], [[7, 2]] * 3]
+    table = conform(rollouts_table().append_column("behavior_topk_ids", pa.array(ids)), rollouts, PATH, student_k=2)
+    assert rollouts.student_k_of(table) == 2 and rollouts.student_k_of(rollouts_table()) == 0
+    assert table.schema.field("behavior_topk_ids").type == pa.list_(pa.list_(pa.int32(), 2))
+    cache = cache_table().append_column(teacher_cache.BEHAVIOR_TOPK, pa.array([[[-1.0, -2.0]] * n for n in (2, 1, 3)]))
+    cache = conform(cache, teacher_cache, PATH, k=2, student_k=2)
+    assert (teacher_cache.k_of(cache), teacher_cache.student_k_of(cache)) == (2, 2)
+    teacher_cache.check_aligned(cache, table, PATH, "rollouts.parquet")
+    with pytest.raises(SchemaError, match=r"holds the teacher at 0 behaviour top-k ids a token but rollouts.parquet "
+                                          r"holds 2"):
+        teacher_cache.check_aligned(cache_table(), table, PATH, "rollouts.parquet")
+
+    short = rollouts_table().append_column("behavior_topk_ids", pa.array([[[4, 1]] * 2, [], [[7, 2]] * 3]))
+    with pytest.raises(SchemaError, match=r"column 'behavior_topk_ids', row 1: expected one entry per response token "
+                                          r"\(1, the length of response_ids\), found 0"):
+        conform(short, rollouts, PATH, student_k=2)
+    with pytest.raises(SchemaError, match=r"'behavior_topk_ids': expected type list<fixed_size_list<_, k>>"):
+        conform(rollouts_table().append_column("behavior_topk_ids", pa.array([[[1]], [[2]], [[3]]],
+                                                                             pa.list_(pa.large_list(pa.int32())))),
+                rollouts, PATH)
+
+
+def test_version_1_files_are_still_read_and_other_versions_refused():
+    for artefact, schema in ((rollouts, rollouts.schema()), (teacher_cache, teacher_cache.schema(2))):
+        assert artefact.READS == (1, 2)
+        check_metadata(schema.with_metadata({SCHEMA_KEY: artefact.NAME.encode(), VERSION_KEY: b"1"}), artefact, PATH)
+        with pytest.raises(SchemaError, match=rf"holds {artefact.NAME} v0, expected {artefact.NAME} v2"):
+            check_metadata(schema.with_metadata({SCHEMA_KEY: artefact.NAME.encode(), VERSION_KEY: b"0"}), artefact,
+                           PATH)
