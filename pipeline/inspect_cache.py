@@ -64,6 +64,10 @@ def summarise(directory) -> dict:
         out["tokens"] = int(lengths.sum())
         out["bytes_per_token"] = round(size / max(out["tokens"], 1), 3)
         out["response_length_histogram"] = _histogram(lengths)
+    # k_s: the behaviour top-k width (rollouts.student_top_k) of rollouts and of the cache that scores them
+    behaviour = next((c for c in ("behavior_topk_ids", "teacher_behavior_topk_logprobs") if c in columns), None)
+    if behaviour:
+        out["student_k"] = frame.collect_schema()[behaviour].inner.size
     if "teacher_topk_logprobs" in columns:
         out["k"] = frame.collect_schema()["teacher_topk_logprobs"].inner.size
         per_token = frame.select(

@@ -15,6 +15,7 @@ from data_schemas import rollouts as rollouts_schema
 from data_schemas import teacher_cache
 from pipeline import cache, engines, models, shards
 from pipeline.config import ConfigError, EngineConfig
+from pipeline.inspect_cache import summarise
 from stages import opd, rollouts, teacher_logprobs
 from tests.conftest import section
 
@@ -69,6 +70,9 @@ def test_teacher_cache_holds_the_teachers_log_probs_at_the_behaviour_ids(tiny_ru
     expected = np.take_along_axis(full, ids, axis=1)
     got = _per_token(cache_table.to_pylist(), teacher_cache.BEHAVIOR_TOPK, K_S)
     np.testing.assert_allclose(got, expected, atol=2e-3 * np.abs(expected).max())  # float16 storage
+    # opd inspect shows k_s for both artefacts, and nothing for a cache without it
+    assert summarise(support_run / "cache")["student_k"] == summarise(support_run / "rollouts")["student_k"] == K_S
+    assert "student_k" not in summarise(tiny_run / "data/teacher_cache")
 
 
 def test_opd_trains_on_the_union_support(tiny_run, support_run):
