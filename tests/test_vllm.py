@@ -287,3 +287,24 @@ def test_vllm_scores_with_prefix_caching_on_are_exact_and_repeatable(tiny_run, t
     hf = engines.load_engine(teacher, EngineConfig()).score(result["prompts"], result["responses"], 4)
     hf_lp = np.concatenate([s.token_logprobs for s in hf])
     assert np.abs(hf_lp - np.concatenate([lp for lp, _, _ in first])).max() < 1e-3
+
+
+@pytest.mark.vllm
+def test_vllm_rollouts_keep_the_policys_top_k_and_vllm_scoring_refuses_them(tiny_run, vllm_params, tmp_path):
+    """rollouts.student_top_k through vLLM's logprobs=k_s: the stored ids are the policy's top-k_s (the transformers
+    engine's log-probs at them are its top-k_s log-probs, by rank); vLLM cannot score the teacher at them."""
+    out = tmp_path / "rollouts"
+    _stage("rollouts", vllm_params, "--policy", str(tiny_run / "models/sft"), "--prompts",
+           str(tiny_run / "data/prompts"), "--out", str(out), "--set", "rollouts.student_top_k=3")
+    rows = _table(out, rollouts_schema)
+    policy = engines.load_engine(tiny_run / "models/sft", EngineConfig(batch_size=64))
+    at = [np.asarray(ids, dtype=np.int64).reshape(-1, 3) for ids in rows["behavior_topk_ids"]]
+    scores = policy.score(rows["prompt_ids"], rows["response_ids"], 3, at)
+    np.testing.assert_allclose(np.concatenate([s.at_ids_logprobs for s in scores]),
+                               np.concatenate([s.topk_logprobs for s in scores]), atol=1e-3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "stages.teacher_logprobs", "--params", str(vllm_params), "--models",
+                           str(tiny_run / "models/base"), "--rollouts", str(out), "--out", str(tmp_path / "cache")],
+                          env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "engine.name vllm cannot score the teacher" in done.stderr
+    assert "--set engine.name=hf" in done.stderr.strip().splitlines()[-1]
