@@ -239,7 +239,7 @@ def cache_fault(run, name: str) -> None:
 
 
 CACHE_FAULTS = {
-    "a rollouts shard where a cache shard belongs": ["part-00001.parquet", "holds rollouts v1, expected teacher_cache"],
+    "a rollouts shard where a cache shard belongs": ["part-00001.parquet", "holds rollouts v2, expected teacher_cache"],
     "a shard of another run": ["part-00001.parquet", "other rollouts", "Fix: rerun the teacher_logprobs stage"],
     "a stray extra shard": ["teacher_cache", "shards but", "Fix: rerun the teacher_logprobs stage"],
     "a missing middle shard": ["teacher_cache", "shards but", "Fix: rerun the teacher_logprobs stage"],
