@@ -117,3 +117,23 @@ def test_scorers_that_cannot_gather_at_given_ids_are_refused_before_loading(tiny
             teacher_logprobs.run(section("teacher_logprobs"), EngineConfig(name=name, **extra),
                                  tiny_run / "models/base", support_run / "rollouts", tmp_path / name)
         assert not (tmp_path / name).exists()
+
+
+def test_refresh_rounds_keep_the_behaviour_top_k_for_the_union(tiny_run, support_run, tmp_path):
+    cfg = dataclasses.replace(section("opd"), loss="topk_rkl", topk_support="union", topk_tail="rest_bucket",
+                              steps=2, refresh_every=1)
+    args = (tiny_run / "models/sft", support_run / "rollouts", support_run / "cache", tmp_path / "opd",
+            tmp_path / "rounds")
+
+    def refresh(student_k: int) -> opd.Refresh:
+        return opd.Refresh(dataclasses.replace(section("rollouts"), student_top_k=student_k),
+                           section("teacher_logprobs"), section("engine"), tiny_run / "models/base",
+                           tiny_run / "data/prompts")
+
+    with pytest.raises(ConfigError, match="refresh rounds' rollouts need the behaviour top-k"):
+        opd.run(cfg, *args, refresh(0))
+    opd.run(cfg, *args, refresh(K_S))
+    round_rollouts, _ = shards.read_shards(tmp_path / "rounds/round-001/rollouts", rollouts_schema)
+    round_cache, provenance = shards.read_shards(tmp_path / "rounds/round-001/teacher_cache", teacher_cache)
+    assert rollouts_schema.student_k_of(round_rollouts) == teacher_cache.student_k_of(round_cache) == K_S
+    assert provenance["student_k"] == K_S and round_rollouts["round"].to_pylist()[0] == 1
