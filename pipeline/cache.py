@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from data_schemas import VERSION_KEY, SchemaError, teacher_cache
 from data_schemas import rollouts as rollouts_schema
 from pipeline import data, shards
-from pipeline.config import ConfigError, OpdConfig
+from pipeline.config import ConfigError, OpdConfig, TeacherLogprobsConfig
 
 log = logging.getLogger("opd")
 
@@ -101,20 +101,25 @@ def no_student_support(rollout_path: Path, rollouts: pa.Table) -> ConfigError:
                        f"teacher_logprobs (hf scorer; dvc repro teacher_logprobs), or set opd.topk_support: teacher")
 
 
-def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: dict) -> None:
-    """Refuse a cache whose teacher differs from the SFT-data teacher, whose tokenizer differs from the
-    student's, or whose k is too small."""
+def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: dict, sft_weights: str,
+                      sft_model: Path) -> None:
+    """Refuse a cache whose teacher differs from the SFT-data teacher (scored by the SFT student, teacher_logprobs.model
+    sft: from the SFT student at `sft_model`, of weights `sft_weights`, that OPD starts from), whose tokenizer
+    differs from the student's, or whose k is too small."""
     sft_teacher, cache_teacher = sft_provenance["sft_data_teacher"], cache_provenance["teacher"]
-    if sft_teacher["weights_sha256"] != cache_teacher["weights_sha256"]:
-        message = (
-            f"teacher inconsistency: the SFT data was written by {sft_teacher['id']} "
-            f"(weights {sft_teacher['weights_sha256'][:12]}) but the cache was scored by {cache_teacher['id']} "
-            f"(weights {cache_teacher['weights_sha256'][:12]}). Fix: rerun teacher_logprobs with the SFT teacher, "
-            f"or set opd.allow_teacher_mismatch: true to train anyway (biased; recorded in the metrics)."
-        )
-        if not cfg.allow_teacher_mismatch:
-            raise ConfigError(message)
-        log.warning("%s (allowed by opd.allow_teacher_mismatch)", message)
+    if cache_provenance.get("scorer", "teacher") == "sft":  # self-distillation: the teacher is the student's SFT self
+        if cache_teacher["weights_sha256"] != sft_weights:
+            _mismatch(cfg, f"self-distillation inconsistency: the cache was scored by the SFT student "
+                           f"{cache_teacher['id']} (weights {cache_teacher['weights_sha256'][:12]}) but OPD starts "
+                           f"from {sft_model} (weights {sft_weights[:12]}), which must be its own teacher. Fix: rerun "
+                           f"teacher_logprobs with --sft-model {sft_model}, or set opd.allow_teacher_mismatch: true "
+                           f"to train anyway (recorded in the metrics).")
+    elif sft_teacher["weights_sha256"] != cache_teacher["weights_sha256"]:
+        _mismatch(cfg, f"teacher inconsistency: the SFT data was written by {sft_teacher['id']} "
+                       f"(weights {sft_teacher['weights_sha256'][:12]}) but the cache was scored by "
+                       f"{cache_teacher['id']} (weights {cache_teacher['weights_sha256'][:12]}). Fix: rerun "
+                       f"teacher_logprobs with the SFT teacher, or set opd.allow_teacher_mismatch: true to train "
+                       f"anyway (biased; recorded in the metrics).")
     student_tok, teacher_tok = sft_provenance["base"]["tokenizer_sha256"], cache_teacher["tokenizer_sha256"]
     if student_tok != teacher_tok:
         raise ConfigError(
@@ -128,3 +133,23 @@ def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: di
             f"opd.top_k is {cfg.top_k} but the teacher cache holds k={cache_provenance['k']}. "
             f"Fix: lower opd.top_k, or raise teacher_logprobs.top_k and rerun teacher_logprobs."
         )
+
+
+def _mismatch(cfg: OpdConfig, message: str) -> None:
+    if not cfg.allow_teacher_mismatch:
+        raise ConfigError(message)
+    log.warning("%s (allowed by opd.allow_teacher_mismatch)", message)
+
+
+def check_scoring(cfg: TeacherLogprobsConfig, cache_provenance: dict, cache_dir: Path) -> None:
+    """Refuse a cache scored by another model (teacher_logprobs.model) or under another teacher prompt than `cfg`
+    says: the params changed since it was scored, so it is stale (and refresh rounds would score otherwise)."""
+    # a cache written before these were recorded was scored by the teacher under the student's prompt
+    scored = {"model": cache_provenance.get("scorer", "teacher"),
+              "teacher_prompt": cache_provenance.get("teacher_prompt")}
+    wanted = {"model": cfg.model, "teacher_prompt": cfg.teacher_prompt}
+    if scored != wanted:
+        differ = ", ".join(f"teacher_logprobs.{key} {scored[key]!r} (params: {wanted[key]!r})"
+                           for key in scored if scored[key] != wanted[key])
+        raise ConfigError(f"{cache_dir} was scored with {differ}: it is stale for these params. Fix: rerun "
+                          f"teacher_logprobs (dvc repro teacher_logprobs), or set the params back")

@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def stage_args(stage: str, doc: str, argv, *paths: str, sharded: bool = False,
-               resumable: bool = False) -> argparse.Namespace:
+               resumable: bool = False, optional: tuple[str, ...] = ()) -> argparse.Namespace:
     """Parse the command line of stage `stage` (its module docstring `doc` is the help): `--params` plus the
-    named paths (declared in dvc.yaml), for
+    named paths (declared in dvc.yaml; the `optional` ones may be left out, None, for a stage that reads them
+    only under some params), for
     data-parallel stages `--shard i --num-shards n` (as `args.worker = (i, n)`), and for stages that
     resume from their finished shards (`resumable`, implied by `sharded`) `--replace-stale`.
     `args.stage` and `args.started` are what `summary(args)` reports at the end."""
@@ -42,6 +43,8 @@ def stage_args(stage: str, doc: str, argv, *paths: str, sharded: bool = False,
                              "--set opd.lr=0.001; dvc does not see it: for tracked runs use dvc exp run -S")
     for name in paths:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True)
+    for name in optional:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, default=None)
     if sharded or resumable:
         parser.add_argument("--replace-stale", action="store_true",
                             help="delete shards written with another config or input instead of refusing them "

@@ -358,13 +358,60 @@ class RolloutsConfig(SamplingConfig):
 
 @dataclass
 class TeacherLogprobsConfig:
-    """`teacher_logprobs`: what the teacher cache stores."""
+    """`teacher_logprobs`: which model scores the rollouts, under which prompt, and what the teacher cache stores."""
 
     top_k: int = 8
     """Teacher top-k ids and log-probs stored per response token."""
+    model: str = "teacher"
+    """Which model scores the rollouts: `teacher` (models.teacher, from models/base) or `sft`, the SFT student itself
+    (models/sft, the policy that sampled them): self-distillation, with teacher_prompt telling the scorer what the
+    student does not see (the reference answer); without it the scorer is the behaviour policy itself."""
+    teacher_prompt: str | None = None
+    """The scorer's prompt, a template of `{prompt}` (the prompt's text in data/prompts, which the student's prompt
+    ids encode) and `{answer}` (its reference answer there; `{{` and `}}` write braces), e.g. "{prompt} The reference
+    answer is {answer}.". The text is encoded as every prompt is (prompts.chat) with the scorer's tokenizer and the
+    student's response tokens are scored after it: privileged context the student never sees. null: score under
+    the student's own prompt ids."""
 
     def __post_init__(self):
         _positive(self, "top_k")
+        if self.model not in TEACHER_MODELS:
+            raise ConfigError(f"teacher_logprobs.model must be one of {TEACHER_MODELS}, got {self.model!r}")
+        if self.teacher_prompt is not None:
+            template_fields(self.teacher_prompt)
+
+
+TEACHER_MODELS = ("teacher", "sft")
+"""Scorers of the teacher cache (TeacherLogprobsConfig.model)."""
+TEACHER_PROMPT_FIELDS = ("prompt", "answer")
+"""The placeholders of teacher_logprobs.teacher_prompt."""
+
+
+def template_fields(template: str) -> set[str]:
+    """The placeholders `template` (teacher_logprobs.teacher_prompt) uses; a ConfigError for a malformed template,
+    a placeholder other than TEACHER_PROMPT_FIELDS, or one without {prompt}."""
+    import string
+
+    fix = "Fix: write {prompt} and {answer} as they are, and literal braces as {{ and }}"
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ConfigError(f"teacher_logprobs.teacher_prompt {template!r} is not a valid template ({error}). "
+                          f"{fix}") from None
+    fields = [(name, spec, conversion) for _, name, spec, conversion in parsed if name is not None]
+    unknown = sorted({"{" + name + "}" for name, _, _ in fields if name not in TEACHER_PROMPT_FIELDS})
+    if unknown:
+        raise ConfigError(f"teacher_logprobs.teacher_prompt {template!r} has unknown placeholder(s) "
+                          f"{', '.join(unknown)}; the placeholders are {{prompt}} and {{answer}}. {fix}")
+    formatted = sorted({"{" + name + "}" for name, spec, conversion in fields if spec or conversion})
+    if formatted:
+        raise ConfigError(f"teacher_logprobs.teacher_prompt {template!r}: {', '.join(formatted)} with a format spec or "
+                          f"conversion; the placeholders take none. {fix}")
+    names = {name for name, _, _ in fields}
+    if "prompt" not in names:
+        raise ConfigError(f"teacher_logprobs.teacher_prompt {template!r} has no {{prompt}}: the scorer would not see "
+                          f"the question it scores the response to. {fix}")
+    return names
 
 
 @dataclass

@@ -58,6 +58,9 @@ def summarise(directory) -> dict:
     if "teacher" in provenance:
         out["teacher"] = provenance["teacher"].get("id")
         out["teacher_weights_sha256"] = provenance["teacher"].get("weights_sha256")
+    if provenance.get("stage") == "teacher_logprobs":  # what scored, and under which prompt (None: the student's)
+        out["scorer"] = provenance.get("scorer", "teacher")
+        out["teacher_prompt"] = provenance.get("teacher_prompt")
     token_column = next((c for c in shards.TOKEN_COLUMNS if c in columns), None)
     if token_column:
         lengths = frame.select(pl.col(token_column).list.len().alias("n")).collect()["n"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from data_schemas import prompts as prompts_schema
 from pipeline import shards
-from pipeline.config import ChatConfig, from_dict
+from pipeline.config import ChatConfig, ConfigError, from_dict, template_fields
 
 
 def read_split(prompts_dir: Path, split: str) -> list[dict]:
@@ -30,3 +30,18 @@ def prompts_sha256(prompts_dir: Path) -> str:
     """sha256 of the prompts' shards, for the provenance of the stages that read them: shards made from
     other prompts (or other chat settings) are then stale."""
     return shards.files_sha256(shards.list_shards(prompts_dir))
+
+
+def read_rows(prompts_dir: Path) -> dict[str, dict]:
+    """Every prompt row of every split, by prompt_id."""
+    table, _ = shards.read_shards(prompts_dir, prompts_schema)
+    return {row["prompt_id"]: row for row in table.to_pylist()}
+
+
+def fill_teacher_prompt(template: str, row: dict, prompts_dir: Path) -> str:
+    """teacher_logprobs.teacher_prompt `template` filled in with prompt row `row`'s text and reference answer."""
+    if "answer" in template_fields(template) and row["answer"] is None:
+        raise ConfigError(f"{prompts_dir}: prompt_id {row['prompt_id']!r} has no reference answer (null), but "
+                          f"teacher_logprobs.teacher_prompt {template!r} shows the scorer {{answer}}. Fix: give every "
+                          f"prompt an answer (prompts.answer_column), or drop {{answer}} from the template")
+    return template.format(prompt=row["prompt"], answer=row["answer"])

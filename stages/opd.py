@@ -12,9 +12,10 @@ new shards are written under `--rounds` as `round-<r>/{rollouts,teacher_cache}` 
 provenance, and training moves on to them. N = 1 is standard online OPD. A killed run resumes from
 the last finished round (or the last checkpoint) and writes exactly what an uninterrupted run does.
 Training refuses a cache scored by another teacher than the one that wrote
-the SFT data (the paper's teacher-consistency condition), a teacher whose tokenizer differs from the
-student's, a cache of other rollouts, a top_k above the cache's k, and opd.topk_support union on rollouts
-without the behaviour top-k (rollouts.student_top_k 0).
+the SFT data (the paper's teacher-consistency condition; self-distilled, teacher_logprobs.model sft: by another
+model than this SFT student), a cache scored otherwise than teacher_logprobs now says (scorer, teacher
+prompt), a teacher whose tokenizer differs from the student's, a cache of other rollouts, a top_k above
+the cache's k, and opd.topk_support union on rollouts without the behaviour top-k (rollouts.student_top_k 0).
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ class _Rounds:
     current student samples the next prompts and the teacher scores them, written under `rounds_dir`."""
 
     def __init__(self, cfg: OpdConfig, offline: tuple[data.ShardedRows, list[int]], check, refresh: Refresh | None,
-                 rounds_dir: Path | None, tokenizer):
-        """`offline`: round 0's rows and lengths (open_cache); `check(provenance)` vets a new round's cache."""
+                 rounds_dir: Path | None, tokenizer, sft_model: Path):
+        """`offline`: round 0's rows and lengths (open_cache); `check(provenance)` vets a new round's cache;
+        `sft_model`: the scorer with teacher_logprobs.model sft."""
         self.cfg, self.offline, self.check, self.refresh, self.dir, self.tokenizer = (cfg, offline, check, refresh,
                                                                                      rounds_dir, tokenizer)
+        self.sft_model = sft_model
         self.prompts = read_split(refresh.prompts_dir, "opd") if cfg.refresh_every else []
         samples = cfg.refresh_every * cfg.batch_size * cfg.accumulate_grad_batches * cfg.devices
         self.per_round = math.ceil(samples / refresh.rollouts.n) if cfg.refresh_every else 0
@@ -107,11 +110,12 @@ class _Rounds:
         shutil.rmtree(policy)
         self.seconds["rollouts_s"] += time.perf_counter() - start
         start = time.perf_counter()
-        if self.teacher is None:
-            teacher = models.read_manifest(refresh.models_dir)["teacher"]
+        if self.teacher is None:  # the offline scorer: with teacher_logprobs.model sft the SFT student, not this one
+            teacher = teacher_stage.scorer(refresh.teacher_logprobs, refresh.models_dir, self.sft_model)
             self.teacher = engines.LazyEngine(teacher["path"], refresh.engine, refresh.teacher_logprobs.top_k)
         teacher_stage.run(refresh.teacher_logprobs, refresh.engine, refresh.models_dir, rollouts_dir, cache_dir,
-                          replace_stale=True, engine=self.teacher)
+                          replace_stale=True, engine=self.teacher, sft_model=self.sft_model,
+                          prompts_dir=refresh.prompts_dir)
         self.seconds["scoring_s"] += time.perf_counter() - start
         return rollouts_dir, cache_dir
 
@@ -131,11 +135,17 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
     sft_provenance = models.read_provenance(sft_model)
     rows, lengths, cache_provenance = cache.open_cache(rollouts_dir, cache_dir, cfg.max_shards_in_memory,
                                                        models.model_config(sft_model).vocab_size, union)
-    cache.check_consistency(cfg, sft_provenance, cache_provenance)
+    sft_weights = models.weights_hash(sft_model)
+
+    def check(provenance: dict) -> None:
+        cache.check_consistency(cfg, sft_provenance, provenance, sft_weights, sft_model)
+
+    check(cache_provenance)
+    if refresh is not None:  # the cache must be what teacher_logprobs' params score now (refresh rounds score so too)
+        cache.check_scoring(refresh.teacher_logprobs, cache_provenance, cache_dir)
     model = models.load_model(sft_model)
     tokenizer = models.load_tokenizer(sft_model)
-    rounds = _Rounds(cfg, (rows, lengths), lambda provenance: cache.check_consistency(cfg, sft_provenance, provenance),
-                     refresh, rounds_dir, tokenizer)
+    rounds = _Rounds(cfg, (rows, lengths), check, refresh, rounds_dir, tokenizer, sft_model)
     num_rounds = math.ceil(cfg.steps / cfg.steps_per_round)
     if rounds_dir is not None:
         _remove_rounds_beyond(rounds_dir, num_rounds)
@@ -144,8 +154,7 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
     try:
         training.train(model, batches, cfg, out / "logs", loss=cfg.loss,
                        checkpoint_dir=training.checkpoint_dir_for(out),
-                       fingerprint=training.inputs_fingerprint(cfg, models.weights_hash(sft_model),
-                                                               [rollouts_dir, cache_dir]),
+                       fingerprint=training.inputs_fingerprint(cfg, sft_weights, [rollouts_dir, cache_dir]),
                        reload_every_epoch=True)
     finally:
         rounds.close()
@@ -165,6 +174,8 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
             "base": sft_provenance,
             "sft_data_teacher": sft_provenance["sft_data_teacher"],
             "cache_teacher": cache_provenance["teacher"],
+            "cache_scorer": cache_provenance.get("scorer", "teacher"),
+            "cache_teacher_prompt": cache_provenance.get("teacher_prompt"),
             "teacher_mismatch_allowed": cfg.allow_teacher_mismatch,
             "rounds": num_rounds,
             "config": vars(cfg),

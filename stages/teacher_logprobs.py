@@ -1,13 +1,18 @@
 r"""The teacher scores the rollouts once; its log-probs are cached in Parquet shards for OPD.
 
     python -m stages.teacher_logprobs --params params.yaml --models models/base --rollouts data/rollouts \
-        --out data/teacher_cache
+        --out data/teacher_cache --sft-model models/sft --prompts data/prompts
 
 Cache shard i scores rollout shard i row by row (same keys, same order). Per response token it
 stores the teacher's exact log-prob of the sampled token (float32) and its top-k ids and log-probs;
 when the rollouts hold the behaviour policy's top-k_s ids (rollouts.student_top_k), also the teacher's
 log-probs at those ids (hf scorer only: vLLM's and the server's prompt log-probs cannot be asked for
 log-probs at given ids, so they are refused with the fix).
+The scorer is models.teacher, or with `teacher_logprobs.model: sft` the SFT student (`--sft-model`):
+self-distillation. With `teacher_logprobs.teacher_prompt` it scores each response after its own prompt,
+the template filled in with the prompt's text and reference answer from `--prompts` (privileged
+context the student never sees); the response tokens stay the student's. `--sft-model` and `--prompts`
+are read only when these settings need them.
 Finished shards are kept on rerun, so a killed run recomputes only what is missing, and
 `--shard w --num-shards n` workers split the shards between them (shards i % n == w each).
 """
@@ -26,6 +31,7 @@ from data_schemas import SchemaError, teacher_cache
 from data_schemas import rollouts as rollouts_schema
 from pipeline import cli, engines, models, shards
 from pipeline.config import ConfigError, EngineConfig, TeacherLogprobsConfig, load_section
+from pipeline.prompts import fill_teacher_prompt, prompts_sha256, read_chat, read_rows
 from pipeline.provenance import stage_provenance
 
 log = logging.getLogger("teacher_logprobs")
@@ -48,13 +54,60 @@ def scores_table(rollouts: pa.Table, scores: list[engines.Scores], k: int, stude
     )
 
 
+def scorer(cfg: TeacherLogprobsConfig, models_dir: Path, sft_model: Path | None) -> dict:
+    """The model that scores (teacher_logprobs.model), as a manifest entry (id, path, hashes): the manifest's
+    teacher, or the SFT student at `sft_model` (self-distillation)."""
+    if cfg.model == "teacher":
+        return models.read_manifest(models_dir)["teacher"]
+    if sft_model is None:
+        raise ConfigError("teacher_logprobs.model is sft, but no SFT model was given. Fix: pass --sft-model "
+                          "models/sft (dvc.yaml's teacher_logprobs stage does)")
+    return models.describe(Path(sft_model).name, Path(sft_model))
+
+
+def teacher_prompt_ids(cfg: TeacherLogprobsConfig, teacher: dict, prompts_dir: Path | None,
+                       rollout_paths: list[Path]) -> tuple[dict[str, list[int]], str]:
+    """With teacher_logprobs.teacher_prompt: the scorer's prompt ids of each prompt the rollouts hold (by
+    prompt_id; the template filled in from `prompts_dir` and encoded with the scorer's tokenizer and the prompts'
+    chat settings), each checked to fit the scorer's positions with its rollouts' responses, and the prompts'
+    sha256. Checked for every shard before any is scored or replaced."""
+    if prompts_dir is None:
+        raise ConfigError("teacher_logprobs.teacher_prompt is set, but no prompts were given to fill it in. Fix: pass "
+                          "--prompts data/prompts (dvc.yaml's teacher_logprobs stage does)")
+    rows, chat, sha256 = read_rows(prompts_dir), read_chat(prompts_dir), prompts_sha256(prompts_dir)
+    tokenizer = models.load_tokenizer(teacher["path"])
+    limit = getattr(models.model_config(teacher["path"]), "max_position_embeddings", None)
+    encoded: dict[str, list[int]] = {}
+    for path in rollout_paths:
+        rollouts, provenance = shards.read_shard(path, rollouts_schema)
+        if provenance.get("prompts_sha256") != sha256:
+            raise SchemaError(f"{path} was sampled from other prompts than {prompts_dir}, whose text and answers "
+                              f"would then fill in teacher_logprobs.teacher_prompt. Fix: pass the --prompts the "
+                              f"rollouts were sampled from, or rerun the rollouts stage on these.", path)
+        lengths = pc.list_value_length(rollouts["response_ids"]).to_pylist()
+        for row, (prompt_id, length) in enumerate(zip(rollouts["prompt_id"].to_pylist(), lengths)):
+            if prompt_id not in encoded:
+                text = fill_teacher_prompt(cfg.teacher_prompt, rows[prompt_id], prompts_dir)
+                encoded[prompt_id] = models.encode_prompt(tokenizer, text, chat)
+            if limit and len(encoded[prompt_id]) + length > limit:
+                raise ConfigError(
+                    f"{path}: row {row} (prompt_id {prompt_id!r}): its teacher prompt (teacher_logprobs.teacher_prompt "
+                    f"filled in) has {len(encoded[prompt_id])} tokens and its response {length}, "
+                    f"{len(encoded[prompt_id]) + length} in all, over the {limit} positions of the scorer "
+                    f"{teacher['path']}. Fix: shorten teacher_logprobs.teacher_prompt, or keep prompts, answers and "
+                    f"responses shorter (prompts.max_prompt_tokens, rollouts.max_new_tokens)")
+    return encoded, sha256
+
+
 def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, rollouts_dir: Path, out: Path,
         worker: tuple[int, int] = (0, 1), replace_stale: bool = False,
-        engine: engines.LazyEngine | None = None) -> int:
-    """Score every rollout shard of `rollouts_dir` into `out`; `engine`: the teacher's, kept open by the caller
-    (OPD refresh rounds keep it for every round), else one is loaded here if a shard is missing."""
+        engine: engines.LazyEngine | None = None, sft_model: Path | None = None,
+        prompts_dir: Path | None = None) -> int:
+    """Score every rollout shard of `rollouts_dir` into `out`; `engine`: the scorer's, kept open by the caller
+    (OPD refresh rounds keep it for every round), else one is loaded here if a shard is missing. `sft_model` and
+    `prompts_dir` are read only with teacher_logprobs.model sft and teacher_prompt."""
     manifest = models.read_manifest(models_dir)
-    teacher = manifest["teacher"]
+    teacher = scorer(cfg, models_dir, sft_model)
     # Checked before any shard is scored or replaced: a top_k the teacher cannot give, ids the student cannot read.
     teacher_vocab = models.model_config(teacher["path"]).vocab_size
     if cfg.top_k > teacher_vocab:
@@ -66,11 +119,17 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
     student_k = rollouts_schema.student_k_of(shards.checked_schema(rollout_paths[0], rollouts_schema), rollout_paths[0])
     if student_k and engine_cfg.name != "hf":
         raise ConfigError(f"{rollout_paths[0]}: " + engines.AT_IDS_HF_ONLY.format(engine=engine_cfg.name))
+    # the scorer's own prompt ids by prompt_id (None: the student's), and the prompts they were filled in from
+    templated, context = None, {}
+    if cfg.teacher_prompt is not None:
+        templated, sha256 = teacher_prompt_ids(cfg, teacher, prompts_dir, rollout_paths)
+        context = {"prompts_sha256": sha256}
 
     def provenance(index: int) -> dict:
         return stage_provenance("teacher_logprobs", engine=engine_cfg.name, teacher=models.identity(teacher),
-                                temperature=1.0, k=cfg.top_k, student_k=student_k,
-                                rollouts_sha256=shards.file_sha256(rollout_paths[index]))
+                                scorer=cfg.model, teacher_prompt=cfg.teacher_prompt, temperature=1.0, k=cfg.top_k,
+                                student_k=student_k, rollouts_sha256=shards.file_sha256(rollout_paths[index]),
+                                **context)
 
     def make_table(index: int, _rows) -> pa.Table:
         path = rollout_paths[index]
@@ -86,8 +145,9 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
             ids = rollouts[rollouts_schema.TOPK_IDS].combine_chunks()
             flat = ids.flatten().flatten().to_numpy().reshape(-1, student_k)
             at_ids = np.split(flat, np.cumsum(pc.list_value_length(ids).to_numpy())[:-1])
-        scores = lazy.get().score(rollouts["prompt_ids"].to_pylist(), rollouts["response_ids"].to_pylist(), cfg.top_k,
-                                  at_ids)
+        prompt_ids = (rollouts["prompt_ids"].to_pylist() if templated is None
+                      else [templated[prompt_id] for prompt_id in rollouts["prompt_id"].to_pylist()])
+        scores = lazy.get().score(prompt_ids, rollouts["response_ids"].to_pylist(), cfg.top_k, at_ids)
         table = scores_table(rollouts, scores, cfg.top_k, student_k)
         teacher_cache.check_ids_below(table, student_vocab, shards.shard_path(out, index))
         return table
@@ -102,10 +162,11 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
 
 
 def main(argv=None):
-    args = cli.stage_args("teacher_logprobs", __doc__, argv, "models", "rollouts", "out", sharded=True)
+    args = cli.stage_args("teacher_logprobs", __doc__, argv, "models", "rollouts", "out", sharded=True,
+                          optional=("sft_model", "prompts"))
     params = args.params
     run(load_section("teacher_logprobs", params), load_section("engine", params), args.models, args.rollouts, args.out,
-        worker=args.worker, replace_stale=args.replace_stale)
+        worker=args.worker, replace_stale=args.replace_stale, sft_model=args.sft_model, prompts_dir=args.prompts)
     cli.summary(args)
 
 
