@@ -211,6 +211,29 @@ def test_vllm_teacher_scores_equal_transformers(tiny_run, vllm_params, tmp_path)
 
 
 @pytest.mark.vllm
+def test_vllm_scores_the_sft_student_under_a_teacher_prompt_as_transformers_does(tiny_run, vllm_params, tmp_path):
+    """teacher_logprobs.model sft and teacher_prompt through vLLM: the scorer's own prompt ids are just other
+    prompt ids for its prompt log-probs, so the cache matches the transformers engine's (same tolerance)."""
+    from stages import teacher_logprobs
+    from tests.conftest import section
+
+    template = "{prompt}{answer}{prompt}"
+    paths = dict(sft_model=tiny_run / "models/sft", prompts_dir=tiny_run / "data/prompts")
+    cfg = section("teacher_logprobs")
+    cfg.model, cfg.teacher_prompt = "sft", template
+    teacher_logprobs.run(cfg, section("engine"), tiny_run / "models/base", tiny_run / "data/rollouts",
+                         tmp_path / "hf", **paths)
+    _stage("teacher_logprobs", vllm_params, "--models", str(tiny_run / "models/base"), "--rollouts",
+           str(tiny_run / "data/rollouts"), "--out", str(tmp_path / "vllm"), "--sft-model", str(paths["sft_model"]),
+           "--prompts", str(paths["prompts_dir"]), "--set", "teacher_logprobs.model=sft",
+           "--set", f"teacher_logprobs.teacher_prompt='{template}'")
+    assert_scores_match(_table(tmp_path / "hf", teacher_cache), _table(tmp_path / "vllm", teacher_cache))
+    provenance = shards.read_shards(tmp_path / "vllm", teacher_cache)[1]
+    assert provenance["engine"].startswith("vllm") and provenance["teacher_prompt"] == template
+    assert provenance["scorer"] == "sft"
+
+
+@pytest.mark.vllm
 def test_vllm_rollouts_sharded_equal_one_worker_and_logprobs_match_transformers(tiny_run, vllm_params, tmp_path):
     """Two vLLM workers write exactly one worker's rows; the behaviour log-probs vLLM reports are
     the policy's raw log-probs, as the transformers engine computes them on the same sequences."""
