@@ -348,3 +348,16 @@ def test_a_prompt_longer_than_the_policy_is_refused_naming_it(run_copy, tmp_path
                      "--prompts", str(prompts_dir), "--out", str(run_copy / "data/sft"), "--replace-stale"],
             str(prompts_dir), "with sft_data.max_new_tokens 8 that exceeds the 512 positions")
     assert snapshot(run_copy) == before
+
+
+def test_a_teacher_prompt_too_long_or_with_an_unknown_placeholder_is_refused_before_any_shard(run_copy, capsys):
+    before = snapshot(run_copy)
+    argv = teacher_logprobs_argv(run_copy, None, "teacher_logprobs.model=sft",
+                                 "teacher_logprobs.teacher_prompt='{prompt}" + "0" * 512 + "'")
+    argv += ["--sft-model", str(run_copy / "models/sft"), "--prompts", str(run_copy / "data/prompts")]
+    refused(capsys, argv, "part-00000.parquet: row 0 (prompt_id", "its teacher prompt", "over the 512 positions of the "
+            "scorer", "Fix: shorten teacher_logprobs.teacher_prompt")
+    refused(capsys, teacher_logprobs_argv(run_copy, None, "teacher_logprobs.teacher_prompt='{prompt} {solution}'"),
+            "teacher_logprobs.teacher_prompt '{prompt} {solution}' has unknown placeholder(s) {solution}; the "
+            "placeholders are {prompt} and {answer}. Fix:")
+    assert snapshot(run_copy) == before  # --replace-stale replaced nothing
