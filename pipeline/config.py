@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import string
 import textwrap
 import types
 import typing
@@ -390,8 +391,6 @@ TEACHER_PROMPT_FIELDS = ("prompt", "answer")
 def template_fields(template: str) -> set[str]:
     """The placeholders `template` (teacher_logprobs.teacher_prompt) uses; a ConfigError for a malformed template,
     a placeholder other than TEACHER_PROMPT_FIELDS, or one without {prompt}."""
-    import string
-
     fix = "Fix: write {prompt} and {answer} as they are, and literal braces as {{ and }}"
     try:
         parsed = list(string.Formatter().parse(template))
