@@ -35,16 +35,16 @@ def read_pair(rollout_path: Path, cache_path: Path) -> tuple[pa.Table, pa.Table,
 def shard_rows(rollouts: pa.Table, cache: pa.Table) -> list[dict]:
     """Training rows of one shard pair: per-row numpy views (tokens, behaviour and teacher signal)."""
     k, student_k = teacher_cache.k_of(cache), teacher_cache.student_k_of(cache)
-    behavior = {"behavior_topk_ids": data.row_arrays(rollouts[rollouts_schema.TOPK_IDS], student_k),
-                "teacher_behavior_topk_logprobs": data.row_arrays(cache[teacher_cache.BEHAVIOR_TOPK], student_k),
+    behavior = {"behavior_topk_ids": shards.row_arrays(rollouts[rollouts_schema.TOPK_IDS], student_k),
+                "teacher_behavior_topk_logprobs": shards.row_arrays(cache[teacher_cache.BEHAVIOR_TOPK], student_k),
                 } if student_k else {}
     columns = {
-        "prompt_ids": data.row_arrays(rollouts["prompt_ids"]),
-        "response_ids": data.row_arrays(rollouts["response_ids"]),
-        "behavior_logprobs": data.row_arrays(rollouts["behavior_logprobs"]),
-        "teacher_logprobs": data.row_arrays(cache["teacher_token_logprobs"]),
-        "teacher_topk_ids": data.row_arrays(cache["teacher_topk_ids"], k),
-        "teacher_topk_logprobs": data.row_arrays(cache["teacher_topk_logprobs"], k),
+        "prompt_ids": shards.row_arrays(rollouts["prompt_ids"]),
+        "response_ids": shards.row_arrays(rollouts["response_ids"]),
+        "behavior_logprobs": shards.row_arrays(rollouts["behavior_logprobs"]),
+        "teacher_logprobs": shards.row_arrays(cache["teacher_token_logprobs"]),
+        "teacher_topk_ids": shards.row_arrays(cache["teacher_topk_ids"], k),
+        "teacher_topk_logprobs": shards.row_arrays(cache["teacher_topk_logprobs"], k),
         **behavior,
     }
     return [dict(zip(columns, values)) for values in zip(*columns.values())]

@@ -16,26 +16,12 @@ from collections.abc import Callable, Iterator
 
 import lightning as L
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 BUCKET_BATCHES = 16
 """Length bucketing: rows are sorted by length within windows of this many batches (after a shuffle),
 so a batch pads to similar lengths while batches still mix the whole shard."""
-
-
-def row_arrays(column: pa.ChunkedArray, k: int | None = None) -> list[np.ndarray]:
-    """Per-row numpy views of a list<_> column ([R]) or list<fixed_size_list<_, k>> column ([R, k]),
-    sharing one flat buffer: no per-token Python objects, and compact in memory (stored dtypes kept)."""
-    lists = column.combine_chunks()
-    flat = lists.flatten() if k is None else lists.flatten().flatten()
-    flat = flat.to_numpy(zero_copy_only=False)
-    if k is not None:
-        flat = flat.reshape(-1, k)
-    bounds = np.concatenate([[0], np.cumsum(pc.list_value_length(lists).to_numpy())])
-    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class ShardedRows(Dataset):

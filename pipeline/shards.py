@@ -22,7 +22,9 @@ import re
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_schemas import PROVENANCE_KEY, SchemaError, check_metadata, conform, validate
@@ -452,3 +454,15 @@ def fill_shards(directory, num_rows: int, rows_per_shard: int, make_table, artef
         write_shard(directory, index, table, artefact, provenance_of(index), replace=index in stale, **schema_kw)
         log.info("%s: wrote shard %d/%d", directory, index + 1, num_shards)
     return len(pending)
+
+
+def row_arrays(column: pa.ChunkedArray, k: int | None = None) -> list[np.ndarray]:
+    """Per-row numpy views of a list<_> column ([R]) or list<fixed_size_list<_, k>> column ([R, k]),
+    sharing one flat buffer: no per-token Python objects, and compact in memory (stored dtypes kept)."""
+    lists = column.combine_chunks()
+    flat = lists.flatten() if k is None else lists.flatten().flatten()
+    flat = flat.to_numpy(zero_copy_only=False)
+    if k is not None:
+        flat = flat.reshape(-1, k)
+    bounds = np.concatenate([[0], np.cumsum(pc.list_value_length(lists).to_numpy())])
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -141,10 +141,7 @@ def run(cfg: TeacherLogprobsConfig, engine_cfg: EngineConfig, models_dir: Path, 
         at_ids = None
         if student_k:
             teacher_cache.check_ids_below(rollouts, teacher_vocab, path, rollouts_schema.TOPK_IDS, "teacher")
-            # per row [R, k_s] views of one flat buffer (not pipeline.data, whose edits must not make caches stale)
-            ids = rollouts[rollouts_schema.TOPK_IDS].combine_chunks()
-            flat = ids.flatten().flatten().to_numpy().reshape(-1, student_k)
-            at_ids = np.split(flat, np.cumsum(pc.list_value_length(ids).to_numpy())[:-1])
+            at_ids = shards.row_arrays(rollouts[rollouts_schema.TOPK_IDS], student_k)
         prompt_ids = (rollouts["prompt_ids"].to_pylist() if templated is None
                       else [templated[prompt_id] for prompt_id in rollouts["prompt_id"].to_pylist()])
         scores = lazy.get().score(prompt_ids, rollouts["response_ids"].to_pylist(), cfg.top_k, at_ids)
