@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,8 @@ from data_schemas import PROVENANCE_KEY, SCHEMA_KEY, prompts, rollouts, sft_samp
 from pipeline import shards
 
 LENGTH_BINS = 8
+REJECTED_LOGPROB = math.log(0.01)
+"""A sampled token whose teacher probability is below this is one the teacher all but rejects."""
 ARTEFACTS = {module.NAME: module for module in (prompts, rollouts, sft_samples, teacher_cache)}
 UNKNOWN = SimpleNamespace(NAME="?", VERSION="?", PRODUCED_BY="the stage that wrote this directory")
 
@@ -78,6 +81,8 @@ def summarise(directory) -> dict:
             pl.col("teacher_topk_logprobs").explode().arr.to_list().list.eval(pl.element().cast(pl.Float32).exp()).list.sum().alias("mass"),
         ).collect()
         out["mean_teacher_logprob"] = round(float(per_token["lp"].mean()), 4)
+        # the sampled tokens the teacher all but rejects: where the opd loss's advantages are large and negative
+        out["tokens_teacher_below_1pct"] = round(float((per_token["lp"] < REJECTED_LOGPROB).mean()), 4)
         out["topk_mass_mean"] = round(float(per_token["mass"].mean()), 4)
         out["topk_mass_p05"] = round(float(per_token["mass"].quantile(0.05)), 4)
     return out

@@ -31,6 +31,7 @@ def test_teacher_cache_summary_matches_direct_computation(tiny_run):
     assert summary["teacher_weights_sha256"] == provenance["teacher"]["weights_sha256"]
     assert summary["mean_teacher_logprob"] == pytest.approx(token_lps.mean(), abs=1e-3)
     assert summary["topk_mass_mean"] == pytest.approx(mass.mean(), abs=1e-3)
+    assert summary["tokens_teacher_below_1pct"] == pytest.approx((token_lps < np.log(0.01)).mean(), abs=1e-4)
     assert 0 < summary["topk_mass_p05"] <= summary["topk_mass_mean"] <= 1.001
     assert summary["size_bytes"] == sum(p.stat().st_size for p in shards.list_shards(cache_dir))
     assert sum(summary["response_length_histogram"].values()) == table.num_rows
