@@ -298,12 +298,13 @@ def schedule(repo: Path, durations: dict[str, float], seed: int, max_tries: int 
     kills, runs, hit, done = [], [], set(), set()
     rerun_hit = False
 
-    def attempt(target: str, rerun: bool) -> Run:
+    def attempt(target: str, rerun: bool, misses: int = 0) -> Run:
         nonlocal done, rerun_hit
         args = ["--force", "--single-item", target] if target in done else []
         # Within the stage's uninterrupted duration; for a resumed rerun also within the time the killed run
-        # lived (the rerun has less to do, and its start-up is as long).
-        limit = min(0.5 * durations[target], kills[-1].run.lived) if rerun else 0.8 * durations[target]
+        # lived (the rerun has less to do, and its start-up is as long). Each kill that came too late halves
+        # the window: the reference's durations are one noisy timing, and a busier machine made them longer.
+        limit = min(0.5 * durations[target], kills[-1].run.lived) if rerun else 0.8 * durations[target] / 2**misses
         delay = rng.uniform(0, limit)
         log_file = repo.parent / "logs" / f"{len(runs) + 1:02d}-{target}.log"
         run = repro(repo, args, kill=(target, delay), log_file=log_file)
@@ -325,7 +326,7 @@ def schedule(repo: Path, durations: dict[str, float], seed: int, max_tries: int 
         while target not in hit:
             if tries == max_tries:
                 raise RuntimeError(f"{max_tries} kills aimed at {target} landed after it finished")
-            attempt(target, rerun=False)
+            attempt(target, rerun=False, misses=tries)
             tries += 1
         last = runs[-1] if runs else None
         if not rerun_hit and target in resumable and last.killed_in == target and target not in done:
