@@ -7,6 +7,7 @@ accumulation and devices are Lightning's.
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import logging
 import math
@@ -132,10 +133,19 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     callbacks, resume_from = list(callbacks or []), None
     checkpointing = bool(cfg.checkpoint_every and checkpoint_dir is not None)
+    live_logs = Path(log_dir)
     if checkpointing:
         resume_from = _checkpoint_to_resume(Path(checkpoint_dir), fingerprint or {})
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every,
                                          save_top_k=0, save_last=True))
+        # dvc deletes a stage's outputs, log_dir among them, before it reruns a killed stage: a checkpointed run
+        # logs beside its checkpoints, which survive, so a resumed run's logs hold every step; they move to
+        # log_dir when training completes
+        live_logs = Path(checkpoint_dir) / "logs"
+        if resume_from is None:
+            shutil.rmtree(live_logs, ignore_errors=True)
+        else:
+            callbacks.append(TrimLogs(live_logs))
     # On a terminal Lightning's bar; in a log its carriage returns would make one endless line: log lines there.
     terminal = progress.is_terminal()
     if not terminal:
@@ -152,7 +162,9 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         precision=precision,
         gradient_clip_val=cfg.grad_clip or None,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
-        logger=[L.pytorch.loggers.CSVLogger(str(log_dir), name="", version=""), _dvclive_logger(log_dir, resume_from)],
+        # the CSV log flushed at every logged step, so that a kill loses none of the rows before its checkpoint
+        logger=[L.pytorch.loggers.CSVLogger(str(live_logs), name="", version="", flush_logs_every_n_steps=1),
+                _dvclive_logger(live_logs, resume_from)],
         log_every_n_steps=min(10, cfg.steps),
         callbacks=callbacks,
         use_distributed_sampler=False,  # ShardBatchSampler gives each replica its own batches
@@ -173,7 +185,7 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
     with warnings.catch_warnings():
         # ShardedData resumes from the restored step count, which Lightning cannot see
         warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
-        # a resumed run appends to the CSV log of the run it continues
+        # a resumed run: TrimLogs hands the rows of the run it continues back to the CSV logger
         warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
         trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     if module.model is not model:
@@ -182,8 +194,31 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
                                for name, value in module.model.state_dict().items()})
     model.eval()
     if checkpointing and trainer.is_global_zero:
+        shutil.copytree(live_logs, log_dir, dirs_exist_ok=True)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return trainer
+
+
+class TrimLogs(L.Callback):
+    """A resumed run keeps the rows its killed run logged before the checkpoint it resumes from and drops the rest:
+    it logs those steps again. Rows of step s come from the optimizer step that made global_step s + 1. Lightning's
+    CSV logger deletes the metrics.csv it finds when it starts, so its rows are read first and handed back to it."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        path = log_dir / "metrics.csv"
+        self.csv_rows = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+
+    def on_train_start(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        for path in sorted((self.log_dir / "dvclive" / "plots").rglob("*.tsv")):
+            header, *rows = path.read_text().splitlines(keepends=True)
+            column = header.rstrip("\n").split("\t").index("step")
+            path.write_text("".join([header, *(row for row in rows if int(row.split("\t")[column]) < step)]))
+        writer = next(lg for lg in trainer.loggers if isinstance(lg, L.pytorch.loggers.CSVLogger)).experiment
+        writer.metrics[:0] = [row for row in self.csv_rows if int(row["step"]) < step]
 
 
 class LogProgress(L.Callback):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +110,44 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, m
     monkeypatch.undo()
     resumed = run(tmp_path / "ckpt")
     assert all(torch.equal(a, b) for a, b in zip(reference, resumed))
+
+
+def test_a_resumed_run_logs_every_step_once_as_an_uninterrupted_run_does(tmp_path, monkeypatch, crash_at_step):
+    """Rows are logged every 10 steps, a checkpoint at step 15; the run crashes at step 22, after logging step 19,
+    and its log directory is deleted as dvc deletes a stage's outputs. The rerun's CSV and DVCLive logs equal the
+    uninterrupted run's, throughput aside: the rows before the checkpoint kept, the ones after it logged once."""
+    from pipeline import data, models, toy_task, training
+    from pipeline.config import OpdConfig, ToyModelConfig
+
+    tokenizer = toy_task.build_tokenizer()
+    rows = _toy_opd_rows(len(tokenizer))
+    cfg = OpdConfig(steps=30, batch_size=4, lr=1e-2, loss="opd+topk_fkl", checkpoint_every=15)
+
+    def run(log_dir, checkpoints):
+        model = models.build_toy_model(ToyModelConfig(64, 1, 64, 1), tokenizer, seed=0)
+        training.train(model, data.in_memory(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed), cfg, log_dir,
+                       loss=cfg.loss, checkpoint_dir=checkpoints, fingerprint={"run": 1})
+
+    def logs(log_dir):
+        with open(log_dir / "metrics.csv") as f:
+            table = [{k: v for k, v in row.items() if k != "train/tokens_per_s"} for row in csv.DictReader(f)]
+        plots = {p.relative_to(log_dir).as_posix(): p.read_text() for p in (log_dir / "dvclive").rglob("*.tsv")
+                 if p.name != "tokens_per_s.tsv"}
+        return table, plots
+
+    run(tmp_path / "reference", tmp_path / "ref_ckpt")
+    reference = logs(tmp_path / "reference")
+    assert [row["step"] for row in reference[0]] == ["9", "19", "29"] and len(reference[1]) > 3
+
+    crash_at_step(22)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "killed", tmp_path / "ckpt")
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "ckpt" / "logs" / "metrics.csv"))] == ["9", "19"]
+    monkeypatch.undo()
+    shutil.rmtree(tmp_path / "killed", ignore_errors=True)
+    run(tmp_path / "killed", tmp_path / "ckpt")
+    assert logs(tmp_path / "killed") == reference
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
