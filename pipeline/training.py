@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -142,7 +143,7 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         # logs beside its checkpoints, which survive, so a resumed run's logs hold every step; they move to
         # log_dir when training completes
         live_logs = Path(checkpoint_dir) / "logs"
-        if resume_from is None:
+        if resume_from is None and rank_zero_only.rank == 0:  # DDP workers start later, beside a running rank 0
             shutil.rmtree(live_logs, ignore_errors=True)
         else:
             callbacks.append(TrimLogs(live_logs))

@@ -13,7 +13,9 @@ from tests.conftest import ROOT, TINY_PARAMS
 
 @pytest.mark.slow
 def test_sigkills_of_dvc_repro_in_every_stage_end_in_the_uninterrupted_outputs(tmp_path):
-    result = crash_schedule(yaml.safe_load(TINY_PARAMS.read_text()), tmp_path, seed=0, log=lambda *_: None)
+    params = yaml.safe_load(TINY_PARAMS.read_text())
+    params["models"]["teacher_training"]["checkpoint_every"] = 20  # a kill after one resumes a checkpointed run
+    result = crash_schedule(params, tmp_path, seed=0, log=lambda *_: None)
     assert result["diff"] == {}  # every file under every declared output, sha256 for sha256
     assert result["metrics_equal"]
     assert result["temp_files"] == []
