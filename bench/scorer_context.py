@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_section  # noqa: E402
 from pipeline.prompts import fill_teacher_prompt, read_chat, read_split  # noqa: E402
-from stages.evaluate import accuracy  # noqa: E402
+from pipeline.verifiers import accuracy  # noqa: E402
 
 PLAIN = "{prompt}"
 

@@ -97,3 +97,41 @@ def mean_pass_at_k(correct: Sequence[int], n: int, k: int) -> float:
     if not correct:
         raise ValueError("pass@k of no prompts")
     return sum(pass_at_k(n, c, k) for c in correct) / len(correct)
+
+
+def accuracy(model_dir, prompts: list[dict], cfg, engine_cfg, chat=None) -> dict:
+    """The evaluate stage's metrics of one model on `prompts` (rows with `prompt` and `answer`): `accuracy`
+    (pass@1 over `cfg.n_samples` responses at `cfg.temperature`), `mean_response_tokens`, each `pass@k` of
+    `cfg.pass_k`, and with `cfg.sampled_n` `sampled_accuracy` (that many responses at `cfg.sampled_temperature`).
+    `cfg` is an EvaluateConfig, `engine_cfg` an EngineConfig, `chat` the prompts' ChatConfig."""
+    from pipeline import engines, models  # engines loads torch; the verifiers alone need none of it
+    from pipeline.config import SamplingConfig
+
+    with engines.load_engine(model_dir, engine_cfg) as engine:
+        ids = [models.encode_prompt(engine.tokenizer, r["prompt"], chat) for r in prompts]
+        gens = engine.generate(ids, SamplingConfig(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                                                   max_new_tokens=cfg.max_new_tokens), seed=cfg.seed)
+        sampled = engine.generate(ids, SamplingConfig(n=cfg.sampled_n, temperature=cfg.sampled_temperature,
+                                                      max_new_tokens=cfg.max_new_tokens),
+                                  seed=cfg.seed) if cfg.sampled_n else []
+    correct = _correct_per_prompt(engine.tokenizer, gens, prompts, cfg.verifier)
+    metrics = {
+        "accuracy": round(mean_pass_at_k(correct, cfg.n_samples, 1), 4),
+        "mean_response_tokens": round(sum(len(g.response_ids) for g in gens) / len(gens), 2),
+    }
+    for k in sorted(cfg.pass_k):
+        metrics[f"pass@{k}"] = round(mean_pass_at_k(correct, cfg.n_samples, k), 4)
+    if sampled:
+        correct = _correct_per_prompt(engine.tokenizer, sampled, prompts, cfg.verifier)
+        metrics["sampled_accuracy"] = round(mean_pass_at_k(correct, cfg.sampled_n, 1), 4)
+    return metrics
+
+
+def _correct_per_prompt(tokenizer, gens, prompts: list[dict], verifier: str) -> list[int]:
+    """How many of each prompt's responses the verifier accepts."""
+    texts = tokenizer.batch_decode([g.response_ids for g in gens], skip_special_tokens=True)
+    verify = get_verifier(verifier)
+    correct = [0] * len(prompts)
+    for gen, text in zip(gens, texts):
+        correct[gen.prompt_index] += verify(text, prompts[gen.prompt_index]["answer"])
+    return correct

@@ -20,44 +20,12 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import cli, engines, models, verifiers
-from pipeline.config import ChatConfig, EngineConfig, EvaluateConfig, SamplingConfig, load_section
+from pipeline import cli, models
+from pipeline.config import EngineConfig, EvaluateConfig, load_section
 from pipeline.prompts import read_chat, read_split
+from pipeline.verifiers import accuracy
 
 log = logging.getLogger("evaluate")
-
-
-def accuracy(model_dir, prompts: list[dict], cfg: EvaluateConfig, engine_cfg: EngineConfig,
-             chat: ChatConfig | None = None) -> dict:
-    with engines.load_engine(model_dir, engine_cfg) as engine:
-        ids = [models.encode_prompt(engine.tokenizer, r["prompt"], chat) for r in prompts]
-        gens = engine.generate(ids, SamplingConfig(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                                   max_new_tokens=cfg.max_new_tokens), seed=cfg.seed)
-        sampled = engine.generate(ids, SamplingConfig(n=cfg.sampled_n, temperature=cfg.sampled_temperature,
-                                                      max_new_tokens=cfg.max_new_tokens),
-                                  seed=cfg.seed) if cfg.sampled_n else []
-    correct = _correct_per_prompt(engine.tokenizer, gens, prompts, cfg.verifier)
-    metrics = {
-        "accuracy": round(verifiers.mean_pass_at_k(correct, cfg.n_samples, 1), 4),
-        "mean_response_tokens": round(sum(len(g.response_ids) for g in gens) / len(gens), 2),
-    }
-    for k in sorted(cfg.pass_k):
-        metrics[f"pass@{k}"] = round(verifiers.mean_pass_at_k(correct, cfg.n_samples, k), 4)
-    if sampled:
-        correct = _correct_per_prompt(engine.tokenizer, sampled, prompts, cfg.verifier)
-        metrics["sampled_accuracy"] = round(verifiers.mean_pass_at_k(correct, cfg.sampled_n, 1), 4)
-    return metrics
-
-
-def _correct_per_prompt(tokenizer, gens, prompts: list[dict], verifier: str) -> list[int]:
-    """How many of each prompt's responses the verifier accepts."""
-    texts = tokenizer.batch_decode([g.response_ids for g in gens], skip_special_tokens=True)
-    verify = verifiers.get_verifier(verifier)
-    correct = [0] * len(prompts)
-    for gen, text in zip(gens, texts):
-        correct[gen.prompt_index] += verify(text, prompts[gen.prompt_index]["answer"])
-    return correct
-
 
 ROLES = ("teacher", "sft_student", "control", "opd_student")
 """The models evaluated, as metrics/eval.json names them."""

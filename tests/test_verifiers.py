@@ -135,7 +135,6 @@ def test_evaluate_config_checks():
 def test_evaluate_counts_each_prompts_correct_samples(monkeypatch):
     """The scoring of evaluate on known responses: 0, 4 and 2 of 4 samples right."""
     from pipeline import engines, models, toy_task
-    from stages import evaluate
 
     examples = toy_task.make_examples(3, 2, seed=0)
     wrong = "99;99;"
@@ -151,7 +150,7 @@ def test_evaluate_counts_each_prompts_correct_samples(monkeypatch):
 
     monkeypatch.setattr(engines, "load_engine", lambda model_dir, cfg: FakeEngine())
     cfg = EvaluateConfig(n_samples=4, pass_k=[1, 2, 4], temperature=1.0)
-    metrics = evaluate.accuracy("unused", [{"prompt": p, "answer": a} for p, a in examples], cfg, section("engine"))
+    metrics = verifiers.accuracy("unused", [{"prompt": p, "answer": a} for p, a in examples], cfg, section("engine"))
     assert metrics == {
         "accuracy": round((0 + 1 + 0.5) / 3, 4),
         "mean_response_tokens": 7.0,  # 6 answer tokens + EOS
