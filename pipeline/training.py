@@ -143,10 +143,10 @@ def train(model, data: L.LightningDataModule, cfg: TrainConfig, log_dir: Path, l
         # logs beside its checkpoints, which survive, so a resumed run's logs hold every step; they move to
         # log_dir when training completes
         live_logs = Path(checkpoint_dir) / "logs"
-        if resume_from is None and rank_zero_only.rank == 0:  # DDP workers start later, beside a running rank 0
-            shutil.rmtree(live_logs, ignore_errors=True)
-        else:
+        if resume_from is not None:
             callbacks.append(TrimLogs(live_logs))
+        elif rank_zero_only.rank == 0:  # DDP workers start later, beside a running rank 0: they leave its logs be
+            shutil.rmtree(live_logs, ignore_errors=True)
     # On a terminal Lightning's bar; in a log its carriage returns would make one endless line: log lines there.
     terminal = progress.is_terminal()
     if not terminal:

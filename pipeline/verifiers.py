@@ -17,8 +17,12 @@ import functools
 import math
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from pipeline import toy_task
+
+if TYPE_CHECKING:  # the configs only annotate here; importing pipeline.config at run time is not needed
+    from pipeline.config import ChatConfig, EngineConfig, EvaluateConfig
 
 Verifier = Callable[[str, str], bool]
 
@@ -99,11 +103,12 @@ def mean_pass_at_k(correct: Sequence[int], n: int, k: int) -> float:
     return sum(pass_at_k(n, c, k) for c in correct) / len(correct)
 
 
-def accuracy(model_dir, prompts: list[dict], cfg, engine_cfg, chat=None) -> dict:
+def accuracy(model_dir, prompts: list[dict], cfg: EvaluateConfig, engine_cfg: EngineConfig,
+             chat: ChatConfig | None = None) -> dict:
     """The evaluate stage's metrics of one model on `prompts` (rows with `prompt` and `answer`): `accuracy`
     (pass@1 over `cfg.n_samples` responses at `cfg.temperature`), `mean_response_tokens`, each `pass@k` of
     `cfg.pass_k`, and with `cfg.sampled_n` `sampled_accuracy` (that many responses at `cfg.sampled_temperature`).
-    `cfg` is an EvaluateConfig, `engine_cfg` an EngineConfig, `chat` the prompts' ChatConfig."""
+    `chat` is the prompts' chat settings."""
     from pipeline import engines, models  # engines loads torch; the verifiers alone need none of it
     from pipeline.config import SamplingConfig
 
