@@ -1,4 +1,11 @@
-"""Prompts: the task's questions, with reference answers where there are any."""
+"""Prompts: the task's questions, with reference answers where there are any, and each one's domain.
+
+`domain` names the prompt's task family (models.teachers maps each domain to its teacher); null is the one
+unnamed domain of a source without domains.
+
+Versions: 2 added `domain`. A version-1 file has exactly the columns of version 2 without it, and is still
+read: every one of its prompts is in the unnamed domain (null).
+"""
 
 from __future__ import annotations
 
@@ -8,20 +15,27 @@ import pyarrow.compute as pc
 from data_schemas import SchemaError, first_true_row, row_error, schema_metadata
 
 NAME = "prompts"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
 PRODUCED_BY = "the prompts stage (dvc repro prompts)"
 
 
-def schema() -> pa.Schema:
+def schema(domain: bool = False) -> pa.Schema:
+    """The schema; `domain` False: without the domain column (version 1's columns, as old files hold them)."""
     return pa.schema(
         [
             pa.field("prompt_id", pa.string(), nullable=False),  # unique; joins every later artefact
             pa.field("prompt", pa.string(), nullable=False),
             pa.field("answer", pa.string(), nullable=True),  # reference answer; not every prompt has one
             pa.field("split", pa.string(), nullable=False),
+            *([pa.field("domain", pa.string(), nullable=True)] if domain else []),  # null: the unnamed domain
         ],
         metadata=schema_metadata(NAME, VERSION),
     )
+
+
+def schema_kw_from(schema: pa.Schema, path) -> dict:
+    return {"domain": "domain" in schema.names}
 
 
 def check_rows(table: pa.Table, path) -> None:

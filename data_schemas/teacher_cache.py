@@ -11,8 +11,16 @@ the cache also holds the teacher's log-probs at exactly those ids, in their orde
 (`teacher_behavior_topk_logprobs`, float16 like the top-k's): with them the top-k losses can run on
 the union of the teacher's and the student's supports. The ids themselves stay in the rollouts.
 
-Versions: 2 added `teacher_behavior_topk_logprobs` (present only when k_s > 0). A version-1 cache has
-exactly the columns of a version-2 cache with k_s = 0, so it is still read.
+Each row records the teacher that scored it (`teacher`: its id, a key of the shard provenance's `teachers`,
+which holds its weights and tokenizer hashes) and the domain of its prompt (`domain`; null: the unnamed
+domain, or the prompts were not given): with models.teachers the rows of one shard are scored by the teacher
+of each one's domain, and the opd stage checks teacher consistency domain by domain.
+
+Versions: 2 added `teacher_behavior_topk_logprobs` (present only when k_s > 0); 3 added `domain` and `teacher`
+(written by the teacher_logprobs stage; a table built without them, per_row_teacher False, is read as one
+teacher's). A version-1 cache has exactly the columns of a version-2 cache with k_s = 0, and a version-2 cache
+those of a version-3 one without the per-row teacher, so both are still read: every row scored by the one
+teacher their provenance names, in the unnamed domain.
 """
 
 from __future__ import annotations
@@ -32,15 +40,17 @@ from data_schemas import (
 from data_schemas import rollouts as rollouts_schema
 
 NAME = "teacher_cache"
-VERSION = 2
-READS = (1, 2)
+VERSION = 3
+READS = (1, 2, 3)
 PRODUCED_BY = "the teacher_logprobs stage (dvc repro teacher_logprobs)"
 
 KEYS = ("prompt_id", "sample_idx", "round")  # identify a rollout; must match the rollout shard row by row
 BEHAVIOR_TOPK = "teacher_behavior_topk_logprobs"
+ROW_TEACHER = ("domain", "teacher")
+"""The per-row teacher columns (version 3): the row's domain and the id of the teacher that scored it."""
 
 
-def schema(k: int, student_k: int = 0) -> pa.Schema:
+def schema(k: int, student_k: int = 0, per_row_teacher: bool = False) -> pa.Schema:
     if isinstance(k, bool) or not hasattr(k, "__index__") or k < 1:
         raise ValueError(f"teacher cache top-k must be a positive int, got {k!r}")
     if isinstance(student_k, bool) or not hasattr(student_k, "__index__") or student_k < 0:
@@ -57,6 +67,8 @@ def schema(k: int, student_k: int = 0) -> pa.Schema:
             pa.field("teacher_topk_ids", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
             pa.field("teacher_topk_logprobs", pa.list_(pa.list_(pa.float16(), k)), nullable=False),
             *behavior,
+            *([pa.field("domain", pa.string(), nullable=True), pa.field("teacher", pa.string(), nullable=False)]
+              if per_row_teacher else []),
         ],
         metadata=schema_metadata(NAME, VERSION),
     )
@@ -82,7 +94,14 @@ def student_k_of(schema_or_table, path=None) -> int:
 
 
 def schema_kw_from(schema: pa.Schema, path) -> dict:
-    return {"k": k_of(schema, path), "student_k": student_k_of(schema, path)}
+    return {"k": k_of(schema, path), "student_k": student_k_of(schema, path),
+            "per_row_teacher": has_row_teacher(schema)}
+
+
+def has_row_teacher(schema_or_table) -> bool:
+    """Whether the cache records each row's domain and teacher (version 3, as the teacher_logprobs stage writes)."""
+    schema = schema_or_table.schema if isinstance(schema_or_table, pa.Table) else schema_or_table
+    return "teacher" in schema.names
 
 
 def check_rows(table: pa.Table, path) -> None:

@@ -1,6 +1,6 @@
 """The teacher cache for training: every rollout/cache shard pair checked before training starts (checksum,
-schema, alignment, k and k_s, ids within the student's vocabulary, teacher consistency), then streamed as training
-rows a few shards at a time (pipeline.data.ShardedRows)."""
+schema, alignment, k and k_s, ids within the student's vocabulary, teacher consistency domain by domain), then
+streamed as training rows a few shards at a time (pipeline.data.ShardedRows)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,26 @@ def read_pair(rollout_path: Path, cache_path: Path) -> tuple[pa.Table, pa.Table,
     return rollouts, cache, provenance
 
 
+def row_teachers(cache: pa.Table, provenance: dict, path: Path) -> dict[str | None, dict]:
+    """The teacher that scored each domain's rows of one cache shard, by domain (its `domain` and `teacher` columns;
+    a cache written before them: {None: the one teacher of its provenance})."""
+    if not teacher_cache.has_row_teacher(cache):
+        return {None: provenance["teacher"]}
+    found: dict[str | None, dict] = {}
+    for pair in cache.select(list(teacher_cache.ROW_TEACHER)).group_by(list(teacher_cache.ROW_TEACHER)).aggregate(
+            []).to_pylist():
+        domain, teacher = pair["domain"], provenance.get("teachers", {}).get(pair["teacher"])
+        if teacher is None:
+            raise SchemaError(f"{path}: rows scored by teacher {pair['teacher']!r}, which its provenance's teachers "
+                              f"({sorted(provenance.get('teachers', {}))}) do not describe. Fix: delete it and rerun "
+                              f"{teacher_cache.PRODUCED_BY}.", path)
+        if domain in found and found[domain]["weights_sha256"] != teacher["weights_sha256"]:
+            raise SchemaError(f"{path}: domain {domain!r} holds rows scored by two teachers ({found[domain]['id']} "
+                              f"and {teacher['id']}). Fix: delete it and rerun {teacher_cache.PRODUCED_BY}.", path)
+        found[domain] = teacher
+    return found
+
+
 def shard_rows(rollouts: pa.Table, cache: pa.Table) -> list[dict]:
     """Training rows of one shard pair: per-row numpy views (tokens, behaviour and teacher signal)."""
     k, student_k = teacher_cache.k_of(cache), teacher_cache.student_k_of(cache)
@@ -55,7 +75,9 @@ def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 
     """Check every shard pair before training starts (a bad shard fails now, not hours in): each one's
     checksum, schema, alignment, k and k_s, with `vocab_size` (the student's) its top-k ids, and with
     `student_support` (opd.topk_support union) that it holds the behaviour top-k. Returns the
-    streaming dataset over them, each row's length (for bucketing) and the cache's provenance."""
+    streaming dataset over them, each row's length (for bucketing) and the cache's provenance (its first shard's),
+    with `domain_teachers`: the teacher of each domain's rows over every shard (row_teachers), and `domain_shards`:
+    the first shard holding each domain."""
     cache_paths = shards.list_shards(cache_dir)
     rollout_paths = shards.list_shards(rollouts_dir)
     if len(cache_paths) != len(rollout_paths) or not cache_paths:
@@ -65,6 +87,8 @@ def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 
             cache_dir,
         )
     sizes, lengths, cache_provenance, first = [], [], None, None
+    domain_teachers: dict[str | None, dict] = {}
+    domain_shards: dict[str | None, str] = {}
     for rollout_path, cache_path in zip(rollout_paths, cache_paths):
         rollouts, cache, provenance = read_pair(rollout_path, cache_path)
         widths = teacher_cache.k_of(cache, cache_path), teacher_cache.student_k_of(cache, cache_path)
@@ -79,6 +103,14 @@ def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 
             raise no_student_support(rollout_path, rollouts)
         if vocab_size is not None:
             teacher_cache.check_ids_below(cache, vocab_size, cache_path)
+        for domain, teacher in row_teachers(cache, provenance, cache_path).items():
+            if domain in domain_teachers and domain_teachers[domain]["weights_sha256"] != teacher["weights_sha256"]:
+                raise SchemaError(f"{cache_path}: its rows of domain {domain!r} were scored by {teacher['id']}, but "
+                                  f"those of {domain_shards[domain]} by {domain_teachers[domain]['id']}: the shards "
+                                  f"come from different runs. Fix: delete {cache_dir} and rerun the teacher_logprobs "
+                                  f"stage.", cache_path)
+            domain_teachers.setdefault(domain, teacher)
+            domain_shards.setdefault(domain, str(cache_path))
         sizes.append(rollouts.num_rows)
         lengths.extend(pc.add(pc.list_value_length(rollouts["prompt_ids"]),
                               pc.list_value_length(rollouts["response_ids"])).to_pylist())
@@ -88,7 +120,7 @@ def open_cache(rollouts_dir: Path, cache_dir: Path, max_shards_in_memory: int = 
                           shards.read_shard(cache_paths[i], teacher_cache)[0])
 
     dataset = data.ShardedRows(sizes, load, max_shards_in_memory)
-    return dataset, lengths, cache_provenance
+    return dataset, lengths, {**cache_provenance, "domain_teachers": domain_teachers, "domain_shards": domain_shards}
 
 
 def no_student_support(rollout_path: Path, rollouts: pa.Table) -> ConfigError:
@@ -101,33 +133,52 @@ def no_student_support(rollout_path: Path, rollouts: pa.Table) -> ConfigError:
                        f"teacher_logprobs (hf scorer; dvc repro teacher_logprobs), or set opd.topk_support: teacher")
 
 
+def sft_teachers(sft_provenance: dict) -> dict[str | None, dict]:
+    """The teachers that wrote an SFT student's data, by domain (key None: one teacher for every domain)."""
+    return sft_provenance.get("sft_data_teachers") or {None: sft_provenance["sft_data_teacher"]}
+
+
 def check_consistency(cfg: OpdConfig, sft_provenance: dict, cache_provenance: dict, sft_weights: str,
                       sft_model: Path) -> None:
-    """Refuse a cache whose teacher differs from the SFT-data teacher (scored by the SFT student, teacher_logprobs.model
-    sft: from the SFT student at `sft_model`, of weights `sft_weights`, that OPD starts from), whose tokenizer
-    differs from the student's, or whose k is too small."""
-    sft_teacher, cache_teacher = sft_provenance["sft_data_teacher"], cache_provenance["teacher"]
-    if cache_provenance.get("scorer", "teacher") == "sft":  # self-distillation: the teacher is the student's SFT self
-        if cache_teacher["weights_sha256"] != sft_weights:
-            _mismatch(cfg, f"self-distillation inconsistency: the cache was scored by the SFT student "
-                           f"{cache_teacher['id']} (weights {cache_teacher['weights_sha256'][:12]}) but OPD starts "
-                           f"from {sft_model} (weights {sft_weights[:12]}), which must be its own teacher. Fix: rerun "
-                           f"teacher_logprobs with --sft-model {sft_model}, or set opd.allow_teacher_mismatch: true "
-                           f"to train anyway (recorded in the metrics).")
-    elif sft_teacher["weights_sha256"] != cache_teacher["weights_sha256"]:
-        _mismatch(cfg, f"teacher inconsistency: the SFT data was written by {sft_teacher['id']} "
-                       f"(weights {sft_teacher['weights_sha256'][:12]}) but the cache was scored by "
-                       f"{cache_teacher['id']} (weights {cache_teacher['weights_sha256'][:12]}). Fix: rerun "
-                       f"teacher_logprobs with the SFT teacher, or set opd.allow_teacher_mismatch: true to train "
-                       f"anyway (biased; recorded in the metrics).")
-    student_tok, teacher_tok = sft_provenance["base"]["tokenizer_sha256"], cache_teacher["tokenizer_sha256"]
-    if student_tok != teacher_tok:
-        raise ConfigError(
-            f"tokenizer mismatch: the student ({sft_provenance['base']['id']}, tokenizer {student_tok[:12]}) and the "
-            f"cache's teacher ({cache_teacher['id']}, tokenizer {teacher_tok[:12]}) map tokens to different ids, so "
-            f"the cached top-k ids mean other tokens to the student. Fix: use a student and teacher of one "
-            f"tokenizer family (same vocabulary and token-to-id mapping) in the models section."
-        )
+    """Refuse a cache whose teacher of any domain differs from that domain's SFT-data teacher (scored by the SFT
+    student, teacher_logprobs.model sft: from the SFT student at `sft_model`, of weights `sft_weights`, that OPD
+    starts from), whose tokenizer differs from the student's, or whose k is too small. `cache_provenance` is
+    open_cache's (with `domain_teachers`)."""
+    cache_teachers = cache_provenance.get("domain_teachers") or {None: cache_provenance["teacher"]}
+    where = cache_provenance.get("domain_shards", {})
+    sft = sft_teachers(sft_provenance)
+    for domain, cache_teacher in cache_teachers.items():
+        shown = f"domain {domain!r}" if domain is not None else "every domain"
+        path = where.get(domain, "the teacher cache")
+        sft_teacher = sft.get(domain, sft.get(None))
+        if cache_provenance.get("scorer", "teacher") == "sft":  # self-distillation: the teacher is its SFT self
+            if cache_teacher["weights_sha256"] != sft_weights:
+                _mismatch(cfg, f"self-distillation inconsistency: the cache was scored by the SFT student "
+                               f"{cache_teacher['id']} (weights {cache_teacher['weights_sha256'][:12]}) but OPD starts "
+                               f"from {sft_model} (weights {sft_weights[:12]}), which must be its own teacher. Fix: "
+                               f"rerun teacher_logprobs with --sft-model {sft_model}, or set "
+                               f"opd.allow_teacher_mismatch: true to train anyway (recorded in the metrics).")
+        elif sft_teacher is None:
+            _mismatch(cfg, f"teacher inconsistency in {shown}: {path} holds rows of {shown} (scored by "
+                           f"{cache_teacher['id']}), but the SFT data of {sft_model} was written by a teacher per "
+                           f"domain and names none for it (its domains: {sorted(map(str, sft))}); a cache written "
+                           f"without the rows' domains (no --prompts, or before they were recorded) has the domain "
+                           f"None. Fix: rerun teacher_logprobs with --prompts (dvc repro teacher_logprobs), or set "
+                           f"opd.allow_teacher_mismatch: true to train anyway (biased; recorded in the metrics).")
+        elif sft_teacher["weights_sha256"] != cache_teacher["weights_sha256"]:
+            _mismatch(cfg, f"teacher inconsistency in {shown}: the SFT data of {sft_model} was written by "
+                           f"{sft_teacher['id']} (weights {sft_teacher['weights_sha256'][:12]}) but {path} was scored "
+                           f"by {cache_teacher['id']} (weights {cache_teacher['weights_sha256'][:12]}). Fix: rerun "
+                           f"teacher_logprobs with the SFT teacher of {shown} (models.teachers), or set "
+                           f"opd.allow_teacher_mismatch: true to train anyway (biased; recorded in the metrics).")
+        student_tok, teacher_tok = sft_provenance["base"]["tokenizer_sha256"], cache_teacher["tokenizer_sha256"]
+        if student_tok != teacher_tok:
+            raise ConfigError(
+                f"tokenizer mismatch: the student ({sft_provenance['base']['id']}, tokenizer {student_tok[:12]}) and "
+                f"the cache's teacher ({cache_teacher['id']}, tokenizer {teacher_tok[:12]}) map tokens to different "
+                f"ids, so the cached top-k ids mean other tokens to the student. Fix: use a student and teacher of "
+                f"one tokenizer family (same vocabulary and token-to-id mapping) in the models section."
+            )
     if cfg.top_k is not None and cfg.top_k > cache_provenance["k"]:
         raise ConfigError(
             f"opd.top_k is {cfg.top_k} but the teacher cache holds k={cache_provenance['k']}. "

@@ -39,9 +39,17 @@ class TaskConfig:
     """Held-out prompts for evaluation."""
     seed: int = 0
     """Seed of the prompt generator; the splits never overlap."""
+    domains: list[str] = field(default_factory=lambda: ["add"])
+    """Task families (TOY_DOMAINS: add, sub: long subtraction a - b, a >= b, its prompts ending in `:`), each with
+    the split sizes above (so [add, sub] doubles every split, the two domains alternating row by row); each prompt
+    records its domain, which models.teachers maps to a teacher. [add] is the single-domain default."""
 
     def __post_init__(self):
         _positive(self, "n_digits", "sft_prompts", "opd_prompts", "eval_prompts")
+        unknown = [domain for domain in self.domains if domain not in TOY_DOMAINS]
+        if unknown or not self.domains or len(set(self.domains)) != len(self.domains):
+            raise ConfigError(f"task.domains must list distinct domains of {TOY_DOMAINS}, at least one, got "
+                              f"{self.domains}")
 
 
 @dataclass
@@ -106,6 +114,9 @@ class PromptsConfig:
     """Column holding the reference answer (a string or null in each row); null: the prompts have no answers."""
     id_column: str | None = None
     """Column holding each prompt's id (string or integer, unique); null: a hash of the prompt text."""
+    domain_column: str | None = None
+    """Column holding each prompt's domain (a non-empty string: its task family, which models.teachers maps to a
+    teacher); null: one unnamed domain (every prompt's domain is null)."""
     splits: PromptSplitsConfig = field(default_factory=PromptSplitsConfig)
     """Sizes of the splits, drawn from the usable prompts after bad rows and duplicates are dropped."""
     seed: int = 0
@@ -217,7 +228,14 @@ class ModelsConfig:
     """`models`: which teacher and student to use."""
 
     teacher: str = "toy"
-    """`toy` trains the toy teacher; otherwise a local model directory or a Hugging Face hub id."""
+    """`toy` trains the toy teacher (on every teacher_train prompt); otherwise a local model directory or a Hugging
+    Face hub id. The teacher of every domain; unused when `teachers` is set."""
+    teachers: dict[str, str] = field(default_factory=dict)
+    """Multi-teacher distillation: the teacher of each domain (the prompts' `domain`, task.domains or
+    prompts.domain_column), which writes that domain's SFT data and scores its rollouts. A value is `toy` (a toy
+    teacher trained on this domain's teacher_train prompts only: a specialist), `toy:<domain>` (the specialist of
+    another domain: one teacher serving several domains), or a model directory or hub id. Every domain of the
+    prompts must be named; {} (the default): `teacher` serves every domain."""
     student: str = "toy"
     """`toy` initialises the toy student; otherwise a local model directory or a hub id."""
     toy_teacher: ToyModelConfig = field(default_factory=ToyModelConfig)
@@ -231,6 +249,10 @@ class ModelsConfig:
     """Seed of the toy models' initial weights."""
 
     def __post_init__(self):
+        for domain, teacher in self.teachers.items():
+            if not domain or not teacher:
+                raise ConfigError(f"models.teachers maps domains to teachers, both non-empty; got {domain!r}: "
+                                  f"{teacher!r}")
         if self.teacher_style not in TEACHER_STYLES:
             raise ConfigError(f"models.teacher_style must be one of {TEACHER_STYLES}, got {self.teacher_style!r}")
 
@@ -300,6 +322,8 @@ class EngineConfig:
 
 
 ENGINES = ("hf", "vllm", "server")
+TOY_DOMAINS = ("add", "sub")
+"""Task families of the toy task (pipeline/toy_task.py DOMAINS; declared here so configs validate early)."""
 TEACHER_STYLES = ("carry_first", "units_first")
 """Notations of the toy task's worked answers (pipeline/toy_task.py STYLES; declared here so configs validate early)."""
 TOPK_BETAS = {"topk_fkl": 0.0, "topk_rkl": 1.0, "topk_jsd": None}
@@ -631,6 +655,9 @@ def _coerce(value, hint, where):
         if typing.get_origin(typ) is list and isinstance(value, list):
             (item,) = typing.get_args(typ)
             return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        if typing.get_origin(typ) is dict and isinstance(value, dict):
+            key_type, item = typing.get_args(typ)
+            return {_coerce(k, key_type, f"{where} key"): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
         if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if typ in (int, str, bool) and type(value) is typ:

@@ -99,6 +99,37 @@ class LazyEngine:
         self.close()
 
 
+class LazyEngines:
+    """A LazyEngine per model, each loaded on its first `get(model_dir)` and all closed together: the teachers of
+    a multi-teacher stage (models.teachers), one per domain, kept loaded until the stage ends."""
+
+    def __init__(self, cfg: EngineConfig, max_logprobs: int = 0):
+        self.cfg, self.max_logprobs, self.engines = cfg, max_logprobs, {}
+
+    def get(self, model_dir) -> Engine:
+        if str(model_dir) not in self.engines:
+            self.engines[str(model_dir)] = LazyEngine(model_dir, self.cfg, self.max_logprobs)
+        return self.engines[str(model_dir)].get()
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def groups(keys: list) -> dict:
+    """Indices of `keys` by key, keys in order of first appearance (rows grouped by the model that serves them)."""
+    found: dict = {}
+    for index, key in enumerate(keys):
+        found.setdefault(key, []).append(index)
+    return found
+
+
 class HFEngine(Engine):
     """transformers in-process engine: left-padded batched `generate`, packed and chunked scoring."""
 

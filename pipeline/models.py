@@ -162,6 +162,22 @@ def read_manifest(models_dir) -> dict:
     return manifest
 
 
+def domain_teachers(manifest: dict) -> dict[str | None, dict]:
+    """The models stage's teachers by domain (models.teachers); key None: the one teacher of every domain."""
+    return dict(manifest["teachers"]) if "teachers" in manifest else {None: manifest["teacher"]}
+
+
+def teacher_for(teachers: dict[str | None, dict], domain: str | None, where) -> dict:
+    """The teacher of `domain` among `teachers` (domain_teachers); `where` names the prompts, for the error."""
+    if None in teachers:
+        return teachers[None]
+    if domain not in teachers:
+        raise ConfigError(f"{where}: a prompt of domain {domain!r}, which models.teachers does not map to a teacher "
+                          f"(it maps {sorted(teachers)}). Fix: rerun the models stage on these prompts (dvc repro "
+                          f"models), mapping every domain")
+    return teachers[domain]
+
+
 def encode_prompt(tokenizer, prompt: str, chat: ChatConfig | None = None) -> list[int]:
     """Prompt token ids as the model sees them: the plain text with the tokenizer's own special tokens, or with
     `chat.template` a user turn (after the system prompt) in the tokenizer's chat template, ending with the

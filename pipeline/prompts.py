@@ -10,10 +10,15 @@ from pipeline import shards
 from pipeline.config import ChatConfig, ConfigError, from_dict, template_fields
 
 
+def _rows(prompts_dir: Path) -> list[dict]:
+    """Every row, in file order, each with its `domain` (null in a version-1 file: the unnamed domain)."""
+    table, _ = shards.read_shards(prompts_dir, prompts_schema)
+    return [{"domain": None, **row} for row in table.to_pylist()]
+
+
 def read_split(prompts_dir: Path, split: str) -> list[dict]:
     """The rows of one split, in file order, as dicts."""
-    table, _ = shards.read_shards(prompts_dir, prompts_schema)
-    rows = [r for r in table.to_pylist() if r["split"] == split]
+    rows = [r for r in _rows(prompts_dir) if r["split"] == split]
     if not rows:
         raise ValueError(f"{prompts_dir}: no prompts in split {split!r}; check the task and prompts sections of "
                          f"params.yaml (prompts.splits.{split} for your own prompts)")
@@ -34,8 +39,12 @@ def prompts_sha256(prompts_dir: Path) -> str:
 
 def read_rows(prompts_dir: Path) -> dict[str, dict]:
     """Every prompt row of every split, by prompt_id."""
-    table, _ = shards.read_shards(prompts_dir, prompts_schema)
-    return {row["prompt_id"]: row for row in table.to_pylist()}
+    return {row["prompt_id"]: row for row in _rows(prompts_dir)}
+
+
+def domains(rows: list[dict]) -> list[str | None]:
+    """The distinct domains of prompt rows, in order of first appearance."""
+    return list(dict.fromkeys(row["domain"] for row in rows))
 
 
 def fill_teacher_prompt(template: str, row: dict, prompts_dir: Path) -> str:

@@ -1,4 +1,5 @@
-"""The embedded default task: long addition written out column by column, in one of two notations.
+"""The embedded default task: long addition written out column by column, in one of two notations, and a
+second task family (domain), long subtraction, written the same way.
 
 A prompt lists the digit pairs of two n-digit numbers, least significant first, e.g. 347 + 589 is
 ``"79,48,35="``. A worked answer writes one 3-character step per column (pair plus incoming carry):
@@ -9,6 +10,12 @@ A prompt lists the digit pairs of two n-digit numbers, least significant first, 
 Both are correct; the separator says which notation a step uses, so an answer may even mix them. The
 verifier reads the sum back from the steps (units digits, least significant first, then the last carry)
 and checks that final answer only: 936 here.
+
+Domains (DOMAINS, `task.domains`): `add` is the task above; `sub` is a - b with a >= b, its prompt the same
+digit pairs ending in ``:`` instead of ``=`` (589 - 347 is ``"97,84,53:"``), its steps borrow digit and
+difference digit in the same two notations (``"02;04;02;"``: 242). The last borrow of a >= b is 0, so the
+same verifier reads the difference back. The end mark is a symbol the tokenizer already has: a new one
+would change the vocabulary, and with it every number of the single-domain default.
 
 Why this shape:
 - Each answer token depends on inputs at a fixed relative distance, so small transformers learn it in
@@ -32,6 +39,8 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 SYMBOLS = list("0123456789,=;:")
 STYLES = {"carry_first": ";", "units_first": ":"}
 """Notations of a worked step, and the separator that ends a step of each."""
+DOMAINS = {"add": "=", "sub": ":"}
+"""Task families, and the mark that ends a prompt of each (the prompt says which task it is)."""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -52,20 +61,30 @@ def _digits(x: int, n: int) -> list[int]:
     return [(x // 10**i) % 10 for i in range(n)]
 
 
-def make_prompt(a: int, b: int, n_digits: int) -> str:
-    return ",".join(f"{x}{y}" for x, y in zip(_digits(a, n_digits), _digits(b, n_digits))) + "="
+def make_prompt(a: int, b: int, n_digits: int, domain: str = "add") -> str:
+    pairs = ",".join(f"{x}{y}" for x, y in zip(_digits(a, n_digits), _digits(b, n_digits)))
+    return pairs + DOMAINS[domain]
+
+
+def domain_of(prompt: str) -> str:
+    """The domain a toy prompt belongs to, read from its end mark."""
+    for domain, mark in DOMAINS.items():
+        if prompt.endswith(mark):
+            return domain
+    raise ValueError(f"{prompt!r} is no toy prompt: it ends in none of {sorted(DOMAINS.values())}")
 
 
 def solve(prompt: str, style: str = "carry_first") -> str:
-    """The worked answer to a prompt in notation `style` (one of STYLES)."""
+    """The worked answer to a prompt (either domain) in notation `style` (one of STYLES)."""
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; valid styles: {sorted(STYLES)}")
-    pairs = prompt.rstrip("=").split(",")
+    sign = 1 if domain_of(prompt) == "add" else -1
     carry, steps = 0, []
-    for pair in pairs:
-        total = int(pair[0]) + int(pair[1]) + carry
-        carry = total // 10
-        step = f"{carry}{total % 10}" if style == "carry_first" else f"{total % 10}{carry}"
+    for pair in prompt[:-1].split(","):
+        # addition: the carry out of x + y + carry; subtraction: the borrow out of x - y - borrow
+        total = int(pair[0]) + sign * (int(pair[1]) + carry)
+        digit, carry = total % 10, int(total >= 10 if sign == 1 else total < 0)
+        step = f"{carry}{digit}" if style == "carry_first" else f"{digit}{carry}"
         steps.append(step + STYLES[style])
     return "".join(steps)
 
@@ -92,13 +111,17 @@ def final_answer(response: str) -> int | None:
     return int(steps[-1][0] + "".join(unit for _, unit in reversed(steps)))
 
 
-def make_examples(count: int, n_digits: int, seed: int) -> list[tuple[str, str]]:
-    """`count` distinct (prompt, carry_first answer) pairs drawn with `seed`."""
-    rng = random.Random(seed)
+def make_examples(count: int, n_digits: int, seed: int, domain: str = "add") -> list[tuple[str, str]]:
+    """`count` distinct (prompt, carry_first answer) pairs of `domain` drawn with `seed` (each domain its own
+    stream; `add`'s is the one the task always drew)."""
+    rng = random.Random(seed if domain == "add" else f"{domain}:{seed}")
     seen: set[str] = set()
     examples = []
     while len(examples) < count:
-        prompt = make_prompt(rng.randrange(10**n_digits), rng.randrange(10**n_digits), n_digits)
+        a, b = rng.randrange(10**n_digits), rng.randrange(10**n_digits)
+        if domain == "sub" and a < b:
+            a, b = b, a
+        prompt = make_prompt(a, b, n_digits, domain)
         if prompt not in seen:
             seen.add(prompt)
             examples.append((prompt, solve(prompt)))
@@ -106,7 +129,7 @@ def make_examples(count: int, n_digits: int, seed: int) -> list[tuple[str, str]]
 
 
 def is_correct(response: str, answer: str) -> bool:
-    """The response's final answer (the sum its steps state) is the reference's, whatever its notation, with one
-    step per column (a correct sum written with a column left out is wrong)."""
+    """The response's final answer (the sum or difference its steps state) is the reference's, whatever its
+    notation, with one step per column (a correct sum written with a column left out is wrong)."""
     steps, reference = steps_of(response), steps_of(answer)
     return bool(steps) and len(steps) == len(reference) and final_answer(response) == final_answer(answer)

@@ -12,7 +12,8 @@ new shards are written under `--rounds` as `round-<r>/{rollouts,teacher_cache}` 
 provenance, and training moves on to them. N = 1 is standard online OPD. A killed run resumes from
 the last finished round (or the last checkpoint) and writes exactly what an uninterrupted run does.
 Training refuses a cache scored by another teacher than the one that wrote
-the SFT data (the paper's teacher-consistency condition; self-distilled, teacher_logprobs.model sft: by another
+the SFT data (the paper's teacher-consistency condition, checked domain by domain with models.teachers;
+self-distilled, teacher_logprobs.model sft: by another
 model than this SFT student), a cache scored otherwise than teacher_logprobs now says (scorer, teacher
 prompt), a teacher whose tokenizer differs from the student's, a cache of other rollouts, a top_k above
 the cache's k, and opd.topk_support union on rollouts without the behaviour top-k (rollouts.student_top_k 0).
@@ -75,7 +76,7 @@ class _Rounds:
         self.prompts = read_split(refresh.prompts_dir, "opd") if cfg.refresh_every else []
         samples = cfg.refresh_every * cfg.batch_size * cfg.accumulate_grad_batches * cfg.devices
         self.per_round = math.ceil(samples / refresh.rollouts.n) if cfg.refresh_every else 0
-        self.teacher = None  # loaded once, kept for every round
+        self.teachers = None  # each loaded once, kept for every round
         self.seconds = {"rollouts_s": 0.0, "scoring_s": 0.0}
 
     def rows(self, round_: int, start_step: int, trainer) -> tuple[data.ShardedRows, list[int]]:
@@ -110,18 +111,18 @@ class _Rounds:
         shutil.rmtree(policy)
         self.seconds["rollouts_s"] += time.perf_counter() - start
         start = time.perf_counter()
-        if self.teacher is None:  # the offline scorer: with teacher_logprobs.model sft the SFT student, not this one
-            teacher = teacher_stage.scorer(refresh.teacher_logprobs, refresh.models_dir, self.sft_model)
-            self.teacher = engines.LazyEngine(teacher["path"], refresh.engine, refresh.teacher_logprobs.top_k)
+        if self.teachers is None:  # the offline scorers (each domain's teacher; with teacher_logprobs.model sft the
+            # SFT student, not this one), loaded by teacher_logprobs when a round first needs them
+            self.teachers = engines.LazyEngines(refresh.engine, refresh.teacher_logprobs.top_k)
         teacher_stage.run(refresh.teacher_logprobs, refresh.engine, refresh.models_dir, rollouts_dir, cache_dir,
-                          replace_stale=True, engine=self.teacher, sft_model=self.sft_model,
+                          replace_stale=True, engines_=self.teachers, sft_model=self.sft_model,
                           prompts_dir=refresh.prompts_dir)
         self.seconds["scoring_s"] += time.perf_counter() - start
         return rollouts_dir, cache_dir
 
     def close(self) -> None:
-        if self.teacher is not None:
-            self.teacher.close()
+        if self.teachers is not None:
+            self.teachers.close()
 
 
 def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, out: Path,
@@ -173,7 +174,9 @@ def run(cfg: OpdConfig, sft_model: Path, rollouts_dir: Path, cache_dir: Path, ou
             "stage": "opd",
             "base": sft_provenance,
             "sft_data_teacher": sft_provenance["sft_data_teacher"],
-            "cache_teacher": cache_provenance["teacher"],
+            "cache_teacher": cache_provenance.get("teacher"),  # null: a teacher per domain (cache_teachers)
+            "cache_teachers": {"*" if domain is None else domain: teacher
+                               for domain, teacher in cache_provenance["domain_teachers"].items()},
             "cache_scorer": cache_provenance.get("scorer", "teacher"),
             "cache_teacher_prompt": cache_provenance.get("teacher_prompt"),
             "teacher_mismatch_allowed": cfg.allow_teacher_mismatch,

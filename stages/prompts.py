@@ -3,12 +3,14 @@
     python -m stages.prompts --params params.yaml --out data/prompts
 
 With `prompts.source: toy` (the default) the prompts come from the embedded toy task
-(pipeline/toy_task.py), each with its reference answer, sized by the `task` section. Otherwise they are
+(pipeline/toy_task.py), each with its reference answer, sized by the `task` section, in each domain of
+`task.domains` (the domains alternating row by row in each split). Otherwise they are
 read from your source (a .jsonl or .parquet file, a datasets save_to_disk directory, or a hub dataset
-id), taking the columns `prompts.*_column` name. Bad rows (a JSONL line that is not UTF-8 or not a JSON
-object; a prompt that is not a string, is empty or is over `prompts.max_prompt_tokens`; an answer that
-is neither a string nor null; an id that is not a string or integer, or is taken) are skipped with one
-warning per kind, or with `prompts.strict` stop the stage, naming file, row and column. A repeated
+id), taking the columns `prompts.*_column` name (`prompts.domain_column`: each prompt's domain). Bad rows
+(a JSONL line that is not UTF-8 or not a JSON object; a prompt that is not a string, is empty or is over
+`prompts.max_prompt_tokens`; an answer that is neither a string nor null; an id that is not a string or
+integer, or is taken; a domain that is not a non-empty string) are skipped with one warning per kind, or
+with `prompts.strict` stop the stage, naming file, row and column. A repeated
 prompt keeps its first row. The usable prompts go to the splits in a seeded order of their ids, eval
 first, so a prompt is in one split only.
 
@@ -139,7 +141,7 @@ def open_source(cfg: PromptsConfig, bad: BadRows) -> tuple[Iterator[tuple[str, d
     An existing .jsonl or .parquet file, or a directory written by datasets' save_to_disk; anything
     else that does not look like a local path is a hub dataset id.
     """
-    columns = [c for c in (cfg.prompt_column, cfg.answer_column, cfg.id_column) if c is not None]
+    columns = [c for c in (cfg.prompt_column, cfg.answer_column, cfg.id_column, cfg.domain_column) if c is not None]
     path = Path(cfg.source)
     if path.is_file() and path.suffix == ".jsonl":
         return _jsonl_records(path, bad), shards.file_sha256(path)
@@ -186,6 +188,7 @@ class SourceRow(NamedTuple):
     prompt: str
     answer: str | None
     prompt_id: str
+    domain: str | None = None
 
 
 def check_row(cfg: PromptsConfig, where: str, record: dict, bad: BadRows, tokenizer) -> SourceRow | None:
@@ -214,13 +217,20 @@ def check_row(cfg: PromptsConfig, where: str, record: dict, bad: BadRows, tokeni
                     "give every row an id, or set prompts.id_column: null to hash the prompt text")
             return None
         id_ = str(value)
+    domain = None
+    if cfg.domain_column is not None:
+        domain = record.get(cfg.domain_column, MISSING)
+        if not isinstance(domain, str) or not domain.strip():
+            bad.add("wrong_type", where, cfg.domain_column, "a non-empty string (the prompt's domain)", _shown(domain),
+                    "give every row its domain, or set prompts.domain_column: null (one unnamed domain)")
+            return None
     if cfg.max_prompt_tokens is not None:
         length = len(models.encode_prompt(tokenizer, prompt, cfg.chat))
         if length > cfg.max_prompt_tokens:
             bad.add("too_long", where, cfg.prompt_column, f"at most {cfg.max_prompt_tokens} tokens", f"{length} tokens",
                     "raise prompts.max_prompt_tokens, or shorten or drop the prompt")
             return None
-    return SourceRow(where, prompt, answer, id_)
+    return SourceRow(where, prompt, answer, id_, domain)
 
 
 def usable_rows(cfg: PromptsConfig, records, bad: BadRows, tokenizer) -> tuple[list[SourceRow], int]:
@@ -275,16 +285,23 @@ def _toy_prompts(task: TaskConfig) -> tuple[pa.Table, dict, dict[str, int]]:
         "opd": task.opd_prompts,
         "eval": task.eval_prompts,
     }
-    examples = toy_task.make_examples(sum(counts.values()), task.n_digits, task.seed)
-    splits = [split for split in SPLITS for _ in range(counts[split])]
+    drawn = {domain: toy_task.make_examples(sum(counts.values()), task.n_digits, task.seed, domain)
+             for domain in task.domains}
+    # each split's rows alternate between the domains, so that every shard and batch mixes them
+    rows, start = [], 0
+    for split in SPLITS:
+        rows += [(split, domain, *drawn[domain][start + i]) for i in range(counts[split]) for domain in task.domains]
+        start += counts[split]
     table = pa.table(
         {
-            "prompt_id": [prompt_id(p) for p, _ in examples],
-            "prompt": [p for p, _ in examples],
-            "answer": [a for _, a in examples],
-            "split": splits,
+            "prompt_id": [prompt_id(p) for _, _, p, _ in rows],
+            "prompt": [p for _, _, p, _ in rows],
+            "answer": [a for _, _, _, a in rows],
+            "split": [split for split, _, _, _ in rows],
+            "domain": [domain for _, domain, _, _ in rows],
         }
     )
+    counts = {split: count * len(task.domains) for split, count in counts.items()}
     return table, stage_provenance("prompts", task, task=toy_task.TASK), counts
 
 
@@ -303,6 +320,7 @@ def _source_prompts(cfg: PromptsConfig, tokenizer) -> tuple[pa.Table, dict, dict
             "prompt": [row.prompt for _, row in chosen],
             "answer": pa.array([row.answer for _, row in chosen], pa.string()),  # typed: all null without answers
             "split": [split for split, _ in chosen],
+            "domain": pa.array([row.domain for _, row in chosen], pa.string()),
         }
     )
     counts = {split: len(splits[split]) for split in SPLITS}

@@ -33,7 +33,8 @@ def run(cfg: TrainConfig, models_dir: Path | None, sft_data: Path, out: Path, st
         {
             "stage": stage,
             "base": models.identity(student),
-            "sft_data_teacher": data_provenance["teacher"],
+            "sft_data_teacher": data_provenance.get("teacher"),  # null: a teacher per domain (models.teachers)
+            **({"sft_data_teachers": data_provenance["teachers"]} if "teachers" in data_provenance else {}),
             "config": vars(cfg),
         },
     )

@@ -16,7 +16,7 @@ from data_schemas import rollouts as rollouts_schema
 from pipeline import models, shards
 from pipeline.config import ConfigError, TeacherLogprobsConfig, from_dict
 from pipeline.inspect_cache import summarise
-from pipeline.prompts import fill_teacher_prompt
+from pipeline.prompts import fill_teacher_prompt, prompts_sha256
 from stages import opd, teacher_logprobs
 from tests.conftest import TINY_PARAMS, section
 
@@ -97,16 +97,20 @@ def test_model_sft_without_a_template_scores_the_students_prompt_ids_with_the_sf
 
 def test_no_template_scores_exactly_as_without_the_new_inputs(tiny_run, tmp_path):
     """Defaults (model teacher, teacher_prompt null), given --sft-model and --prompts as dvc.yaml passes them: the
-    same shards, bit for bit in every column, as the tiny run's cache scored without them."""
+    same shards, bit for bit in every column, as the tiny run's cache scored without them, but the rows' domain,
+    which the prompts give (add; null without them)."""
     assert _score(tiny_run, tmp_path / "cache", _cfg()) > 0
     fresh, reference = shards.list_shards(tmp_path / "cache"), shards.list_shards(tiny_run / "data/teacher_cache")
     assert [p.name for p in fresh] == [p.name for p in reference]
     for a, b in zip(fresh, reference):
-        assert pq.read_table(a).equals(pq.read_table(b))
-        assert shards.read_shard(a, teacher_cache)[1] == shards.read_shard(b, teacher_cache)[1]
+        table, without = pq.read_table(a), pq.read_table(b)
+        assert set(table["domain"].to_pylist()) == {"add"} and set(without["domain"].to_pylist()) == {None}
+        assert table.drop_columns(["domain"]).equals(without.drop_columns(["domain"]))
+        provenance = shards.read_shard(a, teacher_cache)[1]
+        assert provenance.pop("prompts_sha256") == prompts_sha256(tiny_run / "data/prompts")
+        assert provenance == shards.read_shard(b, teacher_cache)[1]
     provenance = shards.read_shard(fresh[0], teacher_cache)[1]
     assert provenance["scorer"] == "teacher" and provenance["teacher_prompt"] is None
-    assert "prompts_sha256" not in provenance
 
 
 def test_a_changed_template_or_scorer_makes_the_cache_stale(run_copy, tmp_path):

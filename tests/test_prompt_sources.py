@@ -74,9 +74,11 @@ def chat_tokenizer_dir(tmp_path_factory):
 
 
 def test_toy_prompts_are_unchanged(tmp_path):
-    """Default params give exactly the rows the stage wrote before prompt sources existed (digest of those rows)."""
+    """Default params give exactly the rows the stage wrote before prompt sources existed (digest of those rows), each
+    in domain add (the column prompts v2 added)."""
     prompts.run(TINY_TASK, tmp_path / "p")
     rows, provenance = table_rows(tmp_path / "p")
+    assert {row.pop("domain") for row in rows} == {"add"}
     assert hashlib.sha256(json.dumps(rows).encode()).hexdigest() == \
         "5d44a70b9e65e7b91a5b22d413996d38ee916cc153e520c3a57644845cd03ca7"
     assert provenance == {"stage": "prompts", "code_sha256": code_sha256("prompts"), "task": "toy_addition",

@@ -34,8 +34,9 @@ def test_valid_tables_pass_and_carry_name_and_version(artefact, make):
     validate(table, artefact, PATH)
     assert table.schema.metadata[SCHEMA_KEY] == artefact.NAME.encode()
     assert table.schema.metadata[VERSION_KEY] == str(artefact.VERSION).encode()
-    # rollouts and teacher_cache v2 added the behaviour top-k columns
-    assert artefact.VERSION == (2 if artefact in (rollouts, teacher_cache) else 1)
+    # rollouts and teacher_cache v2 added the behaviour top-k columns, prompts v2 the domain, teacher_cache v3 the
+    # per-row domain and teacher
+    assert artefact.VERSION == {rollouts: 2, teacher_cache: 3, prompts: 2}.get(artefact, 1)
 
 
 def test_conform_casts_loose_producer_types_losslessly():
@@ -249,7 +250,7 @@ def test_file_metadata_must_name_this_artefact_and_version():
     with pytest.raises(SchemaError) as error:
         check_metadata(rollouts.schema(), teacher_cache, PATH)
     message = str(error.value)
-    assert PATH in message and "holds rollouts v2, expected teacher_cache v2" in message
+    assert PATH in message and "holds rollouts v2, expected teacher_cache v3" in message
     assert "another stage or another version" in message and "teacher_logprobs" in message
 
     newer = rollouts.schema().with_metadata({SCHEMA_KEY: b"rollouts", VERSION_KEY: str(rollouts.VERSION + 1).encode()})
@@ -287,9 +288,11 @@ def test_behaviour_top_k_columns_round_trip_their_width_and_refuse_a_wrong_lengt
 
 
 def test_version_1_files_are_still_read_and_other_versions_refused():
-    for artefact, schema in ((rollouts, rollouts.schema()), (teacher_cache, teacher_cache.schema(2))):
-        assert artefact.READS == (1, 2)
+    for artefact, schema in ((rollouts, rollouts.schema()), (teacher_cache, teacher_cache.schema(2)),
+                             (prompts, prompts.schema())):
+        assert artefact.READS == tuple(range(1, artefact.VERSION + 1))
         check_metadata(schema.with_metadata({SCHEMA_KEY: artefact.NAME.encode(), VERSION_KEY: b"1"}), artefact, PATH)
-        with pytest.raises(SchemaError, match=rf"holds {artefact.NAME} v0, expected {artefact.NAME} v2"):
+        name, version = artefact.NAME, artefact.VERSION
+        with pytest.raises(SchemaError, match=rf"holds {name} v0, expected {name} v{version}"):
             check_metadata(schema.with_metadata({SCHEMA_KEY: artefact.NAME.encode(), VERSION_KEY: b"0"}), artefact,
                            PATH)
