@@ -156,7 +156,7 @@ def read_manifest(models_dir) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the models stage first (dvc repro models)")
     manifest = json.loads(path.read_text())
-    for role in manifest.values():
+    for role in [*(v for k, v in manifest.items() if k != "teachers"), *manifest.get("teachers", {}).values()]:
         local = Path(models_dir) / role["path"]
         role["path"] = str(local) if local.is_dir() else role["path"]
     return manifest
