@@ -54,6 +54,17 @@ def tiny_seed_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def multi_seed_root(tmp_path_factory) -> Path:
+    """A --root of bench/multi_teacher.py with seed 0 of the tiny params run through every stage of dvc.yaml in its
+    `both` arm (two domains, a specialist teacher each), shared by the multi-teacher tests, which read its outputs."""
+    from bench import multi_teacher
+
+    root = tmp_path_factory.mktemp("multi_teacher")
+    multi_teacher.run(TINY_PARAMS, [0], root, ["both"])
+    return root
+
+
 @pytest.fixture
 def run_copy(tiny_run, tmp_path) -> Path:
     """A private copy of the tiny run, for tests that delete or damage files."""
