@@ -10,7 +10,8 @@ commands under <root>/<arm>/seed<N>, finished stages reused) with `models.teache
 
 - `both`: each domain's own specialist (a toy teacher trained on that domain's teacher_train prompts only)
   writes its SFT data and scores its rollouts;
-- `add_alone`, `sub_alone`: one specialist (add's, or sub's) serves both domains.
+- `add_alone`, `sub_alone`: one specialist (add's, or sub's) serves both domains. When `both` runs too (first,
+  per seed), these arms read its specialists' model directories rather than train the same weights again.
 
 Every arm trains the same student on the same prompts with the same steps; only the teachers differ (a
 specialist is trained exactly alike in every arm it is in). `evaluate` scores every model on each domain's
@@ -55,11 +56,15 @@ COLUMNS = {f"{role}_{part}": f"{name} {part}" for role, name in ROLES.items() fo
 """One arm's columns: each role's greedy accuracy on each domain and on both (`all`)."""
 
 
-def arm_params(params: dict, arm: str) -> dict:
-    """The study's params for `arm`: both domains, and the arm's teachers."""
+def arm_params(params: dict, arm: str, specialists: Path | None = None) -> dict:
+    """The study's params for `arm`: both domains, and the arm's teachers. `specialists`: the models stage's output
+    of this seed's `both` arm, whose specialist `toy:<domain>` stands for (the same weights, not trained again)."""
     params = json.loads(json.dumps(params))
     params.setdefault("task", {})["domains"] = DOMAINS
-    params.setdefault("models", {})["teachers"] = ARMS[arm]
+    teachers = dict(ARMS[arm])
+    if specialists is not None and arm != "both":
+        teachers = {d: str(specialists / f"teacher-{t.removeprefix('toy:')}") for d, t in teachers.items()}
+    params.setdefault("models", {})["teachers"] = teachers
     return params
 
 
@@ -79,7 +84,9 @@ def run(params_path: Path | Params, seeds: list[int], root: Path, arms: list[str
     seconds: dict[str, dict[int, float]] = {arm: {} for arm in arms}
     for seed in seeds:
         for arm in arms:
-            out, params_file = prepare_seed(arm_params(params, arm), seed, root / arm)
+            specialists = root.resolve() / "both" / f"seed{seed}" / "models" / "base"
+            reuse = specialists if "both" in arms and (specialists / "manifest.json").exists() else None
+            out, params_file = prepare_seed(arm_params(params, arm, reuse), seed, root / arm)
             start = time.perf_counter()
             run_stages(stage_commands(params_file, out), out)
             seconds[arm][seed] = round(time.perf_counter() - start, 1)

@@ -85,6 +85,13 @@ def summarise(directory) -> dict:
         out["tokens_teacher_below_1pct"] = round(float((per_token["lp"] < REJECTED_LOGPROB).mean()), 4)
         out["topk_mass_mean"] = round(float(per_token["mass"].mean()), 4)
         out["topk_mass_p05"] = round(float(per_token["mass"].quantile(0.05)), 4)
+    if "domain" in columns:  # prompts v2, cache v3: each domain's rows (the cache: and the teacher that scored them)
+        keys = ["domain", "teacher"] if "teacher" in columns else ["domain"]
+        stats = [pl.len().alias("rows")]
+        if "teacher_token_logprobs" in columns:
+            stats.append(pl.col("teacher_token_logprobs").explode().cast(pl.Float64).mean().round(4).alias("mean_teacher_logprob"))
+        groups = frame.group_by(keys).agg(stats).sort(keys, nulls_last=True).collect()
+        out["by_domain"] = {" / ".join(str(row.pop(key)) for key in keys): row for row in groups.to_dicts()}
     return out
 
 

@@ -105,12 +105,13 @@ def run(cfg: ModelsConfig, task: TaskConfig, prompts_dir: Path, out: Path) -> di
     else:
         manifest["student"] = models.describe(cfg.student, models.resolve_model_dir(cfg.student, "models.student"))
     student = manifest["student"]
-    for teacher in models.domain_teachers(manifest).values():
+    for domain, teacher in models.domain_teachers(manifest).items():
         teacher_tok, student_tok = teacher["tokenizer_sha256"], student["tokenizer_sha256"]
         if teacher_tok != student_tok:  # checked here, before any stage runs either model
-            raise ConfigError(f"models.teacher ({teacher['id']}) and models.student ({student['id']}) map tokens to "
+            param = "models.teacher" if domain is None else f"models.teachers.{domain}"
+            raise ConfigError(f"{param} ({teacher['id']}) and models.student ({student['id']}) map tokens to "
                               f"different ids (tokenizers {teacher_tok[:12]} and {student_tok[:12]}), so the teacher's "
-                              f"top-k ids would mean other tokens to the student. Fix: pick teachers and a student "
+                              f"top-k ids would mean other tokens to the student. Fix: pick a teacher and a student "
                               f"of one tokenizer family")
     (out / models.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("teacher %s, student %s -> %s", ", ".join(f"{d or 'every domain'}: {t['id']}" for d, t in

@@ -17,6 +17,7 @@ from data_schemas import prompts as prompts_schema
 from data_schemas import sft_samples, teacher_cache
 from pipeline import cache, models, shards, toy_task
 from pipeline.config import ConfigError, ModelsConfig, PromptsConfig, TaskConfig, from_dict
+from pipeline.inspect_cache import summarise
 from pipeline.prompts import read_rows, read_split
 from stages import evaluate, opd, prompts, teacher_logprobs
 from stages import models as models_stage
@@ -176,6 +177,20 @@ def test_overall_metrics_are_the_domains_weighted_by_their_prompts():
     assert evaluate.weighted_mean(parts, {"add": 1, "sub": 3}) == {"accuracy": 0.4375, "mean_response_tokens": 4.75}
 
 
+def test_the_study_arms_reuse_the_both_arms_specialists(tmp_path):
+    """With `both`'s models stage done, an alone arm's one teacher is the directory of both's specialist (the same
+    weights, not trained again); without it, the specialist is trained in the arm."""
+    from bench import multi_teacher
+
+    specialists = tmp_path / "both/seed0/models/base"
+    reused = multi_teacher.arm_params({}, "sub_alone", specialists)
+    assert reused["task"]["domains"] == ["add", "sub"]
+    assert reused["models"]["teachers"] == {"add": str(specialists / "teacher-sub"),
+                                            "sub": str(specialists / "teacher-sub")}
+    assert multi_teacher.arm_params({}, "sub_alone")["models"]["teachers"] == {"add": "toy:sub", "sub": "toy:sub"}
+    assert multi_teacher.arm_params({}, "both", specialists)["models"]["teachers"] == {"add": "toy", "sub": "toy"}
+
+
 # --- the tiny two-domain pipeline (bench/multi_teacher.py's `both` arm) ---------------------------------
 
 
@@ -226,6 +241,27 @@ def test_each_cache_row_is_scored_by_its_domains_teacher(both):
             got = torch.tensor(table["teacher_token_logprobs"][row].as_py(), dtype=torch.float64)
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     assert checked == {"add", "sub"}
+
+
+@pytest.mark.slow
+def test_inspect_summarises_each_domains_rows_and_teacher(both):
+    """`opd inspect` of the cache: each (domain, teacher)'s rows and mean sampled-token log-prob, against pyarrow."""
+    table = shards.read_shards(both / "data/teacher_cache", teacher_cache)[0]
+    expected = {}
+    for domain in ("add", "sub"):
+        rows = table.filter(pc.equal(table["domain"], domain))
+        logprobs = pc.list_flatten(rows["teacher_token_logprobs"]).to_numpy().astype("float64")
+        expected[f"{domain} / toy-teacher-{domain}"] = {"rows": rows.num_rows,
+                                                        "mean_teacher_logprob": round(float(logprobs.mean()), 4)}
+    summary = summarise(both / "data/teacher_cache")
+    assert summary["by_domain"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert summary["by_domain"][key]["rows"] == value["rows"]
+        assert summary["by_domain"][key]["mean_teacher_logprob"] == pytest.approx(value["mean_teacher_logprob"],
+                                                                                  abs=1e-4)
+    assert summarise(both / "data/prompts")["by_domain"] == {
+        domain: {"rows": len([r for r in read_rows(both / "data/prompts").values() if r["domain"] == domain])}
+        for domain in ("add", "sub")}
 
 
 @pytest.mark.slow
