@@ -21,7 +21,7 @@ from pipeline.inspect_cache import summarise
 from pipeline.prompts import read_rows, read_split
 from stages import evaluate, opd, prompts, teacher_logprobs
 from stages import models as models_stage
-from tests.conftest import section
+from tests.conftest import TINY_PARAMS, section
 
 TASK = dataclasses.replace(section("task"), domains=["add", "sub"])
 
@@ -189,6 +189,17 @@ def test_the_study_arms_reuse_the_both_arms_specialists(tmp_path):
                                             "sub": str(specialists / "teacher-sub")}
     assert multi_teacher.arm_params({}, "sub_alone")["models"]["teachers"] == {"add": "toy:sub", "sub": "toy:sub"}
     assert multi_teacher.arm_params({}, "both", specialists)["models"]["teachers"] == {"add": "toy", "sub": "toy"}
+
+
+def test_the_study_doubles_the_steps_and_a_set_still_wins():
+    from bench import multi_teacher
+    from pipeline.config import Params, load_params
+
+    study = multi_teacher.study_steps(TINY_PARAMS)
+    assert study == [f"models.teacher_training.steps={2 * section('models').teacher_training.steps}",
+                     f"sft.steps={2 * section('sft').steps}", f"opd.steps={2 * section('opd').steps}"]
+    params = load_params(Params(TINY_PARAMS, (*study, "sft.steps=5")))
+    assert params["sft"]["steps"] == 5 and params["opd"]["steps"] == 2 * section("opd").steps
 
 
 # --- the tiny two-domain pipeline (bench/multi_teacher.py's `both` arm) ---------------------------------
