@@ -168,7 +168,7 @@ def test_read_shard_refuses_another_artefact_or_version(tmp_path):
     with pytest.raises(SchemaError) as error:
         read_shard(path, teacher_cache)
     message = str(error.value)
-    assert str(path) in message and "holds rollouts v2, expected teacher_cache v2" in message
+    assert str(path) in message and "holds rollouts v2, expected teacher_cache v3" in message
 
     old = tmp_path / "old" / "part-00000.parquet"
     old.parent.mkdir()
