@@ -1,7 +1,7 @@
 r"""Offline OPD, periodic refresh and standard online OPD on the embedded task: accuracy and wall time.
 
     python bench/offline_vs_online.py --seeds 0 1 2 [--params params.yaml] [--set section.key=value ...] \
-        [--root runs/seeds]
+        [--root runs/seeds] [--lrs 0.001 0.003 0.01 --sweep-seed 100]
 
 Per seed, the pipeline up to the teacher cache runs once (bench/seeds.py; its runs under the same
 --root are reused). Then the opd stage runs once per setting, all with the same number of student
@@ -12,6 +12,11 @@ Wall time is split into rollouts, teacher scoring and training. Every setting st
 round 0, so each pays the offline `rollouts` and `teacher_logprobs` stages once; the refreshes add
 the rollouts and scoring times opd measures inside (models/opd_<setting>/timings.json), and
 training is the rest of the opd stage's wall time (process start and loading included).
+
+With --lrs, each setting first runs once per learning rate on --sweep-seed, a seed apart from --seeds,
+and keeps the lr of the highest sampled accuracy (the paper's avg@k; greedy accuracy breaks ties); the
+seeds then run each setting at its own lr, so no setting is judged at an lr picked for another, and no
+reported seed is one the lr was picked on.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.seeds import load_params, prepare_seed, print_table, run_stages, seed_args, stage_commands, stage_seconds  # noqa: E402
+from pipeline.config import load_section  # noqa: E402
 
 SETTINGS = {"offline": lambda steps: 0, "refresh_25": lambda steps: max(1, steps // 4), "online": lambda steps: 1}
 """Setting name -> opd.refresh_every as a function of opd.steps."""
@@ -33,62 +39,118 @@ SHARED = ("prompts", "models", "sft_data", "sft", "rollouts", "teacher_logprobs"
 """The stages every setting shares (round 0, what it is sampled from, and the control evaluate reports beside it)."""
 
 
-def setting_commands(params_file: Path, out: Path, setting: str) -> list[tuple[str, list[str]]]:
-    """The opd and evaluate commands of one setting: its own params file, model, rounds and metrics."""
+def run_name(params_file: Path, setting: str, lr: float | None = None) -> str:
+    """What a setting's outputs are named after: the setting, and the lr where it is not the params file's."""
+    return setting if lr is None or lr == load_section("opd", params_file).lr else f"{setting}_lr{lr:g}"
+
+
+def setting_commands(params_file: Path, out: Path, setting: str, lr: float | None = None
+                     ) -> list[tuple[str, list[str]]]:
+    """The opd and evaluate commands of one setting (at `lr`, None: opd.lr): its own params file, model, rounds
+    and metrics."""
     params = yaml.safe_load(params_file.read_text())
+    tag = run_name(params_file, setting, lr)
     params["opd"]["refresh_every"] = SETTINGS[setting](params["opd"]["steps"])
-    setting_params = out / f"params_{setting}.yaml"
+    if lr is not None:
+        params["opd"]["lr"] = lr
+    setting_params = out / f"params_{tag}.yaml"
     setting_params.write_text(yaml.safe_dump(params))
-    renamed = {str(out / "models/opd"): str(out / f"models/opd_{setting}"),
-               str(out / "data/opd_rounds"): str(out / f"data/opd_rounds_{setting}"),
-               str(out / "metrics/eval.json"): str(out / f"metrics/eval_{setting}.json"),
-               str(out / "metrics/accuracy.json"): str(out / f"metrics/accuracy_{setting}.json")}
-    return [(f"{name}_{setting}", [renamed.get(arg, arg) for arg in cmd])
+    renamed = {str(out / "models/opd"): str(out / f"models/opd_{tag}"),
+               str(out / "data/opd_rounds"): str(out / f"data/opd_rounds_{tag}"),
+               str(out / "metrics/eval.json"): str(out / f"metrics/eval_{tag}.json"),
+               str(out / "metrics/accuracy.json"): str(out / f"metrics/accuracy_{tag}.json")}
+    return [(f"{name}_{tag}", [renamed.get(arg, arg) for arg in cmd])
             for name, cmd in stage_commands(setting_params, out) if name in ("opd", "evaluate")]
 
 
-def setting_result(out: Path, setting: str) -> dict[str, float]:
-    """Accuracy and wall seconds by part for one setting of one seed's run."""
-    timings = json.loads((out / f"models/opd_{setting}/timings.json").read_text())
-    accuracy = json.loads((out / f"metrics/eval_{setting}.json").read_text())["opd_student"]["accuracy"]
+def setting_result(out: Path, tag: str) -> dict[str, float]:
+    """Accuracy, sampled accuracy (where evaluate measured it) and wall seconds by part for one setting of one
+    seed's run (`tag`: its run_name)."""
+    timings = json.loads((out / f"models/opd_{tag}/timings.json").read_text())
+    student = json.loads((out / f"metrics/eval_{tag}.json").read_text())["opd_student"]
     rollouts = stage_seconds(out, "rollouts") + timings["rollouts_s"]
     scoring = stage_seconds(out, "teacher_logprobs") + timings["scoring_s"]
-    training = stage_seconds(out, f"opd_{setting}") - timings["rollouts_s"] - timings["scoring_s"]
-    return {"accuracy": accuracy, "rollouts_s": rollouts, "scoring_s": scoring, "training_s": training,
+    training = stage_seconds(out, f"opd_{tag}") - timings["rollouts_s"] - timings["scoring_s"]
+    return {"accuracy": student["accuracy"], "sampled_accuracy": student.get("sampled_accuracy", student["accuracy"]),
+            "rollouts_s": rollouts, "scoring_s": scoring, "training_s": training,
             "total_s": rollouts + scoring + training}
 
 
-def run_seed(params: dict, seed: int, root: Path) -> dict[str, dict[str, float]]:
+def run_seed(params: dict, seed: int, root: Path, lrs: dict[str, list[float | None]] | None = None
+             ) -> dict[str, dict[float | None, dict[str, float]]]:
+    """Each setting at each of its `lrs` (None: opd.lr only) on one seed: setting -> lr -> setting_result."""
+    lrs = lrs or {setting: [None] for setting in SETTINGS}
     out, params_file = prepare_seed(params, seed, root)
     commands = [(name, cmd) for name, cmd in stage_commands(params_file, out) if name in SHARED]
     for setting in SETTINGS:
-        commands += setting_commands(params_file, out, setting)
+        for lr in lrs[setting]:
+            commands += setting_commands(params_file, out, setting, lr)
     run_stages(commands, out)
-    return {setting: setting_result(out, setting) for setting in SETTINGS}
+    return {setting: {lr: setting_result(out, run_name(params_file, setting, lr)) for lr in lrs[setting]}
+            for setting in SETTINGS}
 
 
-def print_tables(results: dict[int, dict[str, dict[str, float]]]) -> None:
-    print_table({seed: {s: r[s]["accuracy"] for s in SETTINGS} for seed, r in results.items()},
-                {s: f"{s} accuracy" for s in SETTINGS})
-    print("\n| setting | accuracy (mean) | rollouts s | teacher scoring s | training s | total s | total / offline |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+def pick_lr(by_lr: dict[float, dict[str, float]]) -> float:
+    """The lr of the highest sampled accuracy, greedy accuracy breaking ties (then the smaller lr)."""
+    return max(sorted(by_lr), key=lambda lr: (by_lr[lr]["sampled_accuracy"], by_lr[lr]["accuracy"]))
+
+
+def print_sweep(sweep: dict[str, dict[float, dict[str, float]]], picked: dict[str, float], seed: int) -> None:
+    lrs = sorted({lr for by_lr in sweep.values() for lr in by_lr})
+    print(f"\nlr sweep on seed {seed} (accuracy / sampled accuracy):\n")
+    print("| setting | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | picked lr |")
+    print("| --- |" + " --- |" * (len(lrs) + 1))
+    for setting, by_lr in sweep.items():
+        cells = [f"{by_lr[lr]['accuracy']:.3f} / {by_lr[lr]['sampled_accuracy']:.3f}" if lr in by_lr else ""
+                 for lr in lrs]
+        print(f"| {setting} | " + " | ".join(cells) + f" | {picked[setting]:g} |")
+
+
+def print_tables(results: dict[int, dict[str, dict[str, float]]], lrs: dict[str, float]) -> None:
+    """`results`: seed -> setting -> setting_result, each setting at its lr of `lrs`."""
+    for key, what in (("accuracy", "accuracy"), ("sampled_accuracy", "sampled accuracy")):
+        print_table({seed: {s: r[s][key] for s in SETTINGS} for seed, r in results.items()},
+                    {s: f"{s} {what}" for s in SETTINGS})
+    print("\n| setting | lr | accuracy (mean) | sampled accuracy (mean) | rollouts s | teacher scoring s | "
+          "training s | total s | total / offline |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     mean = {s: {key: sum(r[s][key] for r in results.values()) / len(results) for key in results[next(iter(results))][s]}
             for s in SETTINGS}
     for s in SETTINGS:
         m = mean[s]
-        print(f"| {s} | {m['accuracy']:.3f} | {m['rollouts_s']:.0f} | {m['scoring_s']:.0f} | {m['training_s']:.0f} | "
+        print(f"| {s} | {lrs[s]:g} | {m['accuracy']:.3f} | {m['sampled_accuracy']:.3f} | {m['rollouts_s']:.0f} |"
+              f" {m['scoring_s']:.0f} | {m['training_s']:.0f} | "
               f"{m['total_s']:.0f} | {m['total_s'] / mean['offline']['total_s']:.2f}x |")
 
 
 def main(argv=None) -> None:
-    args = seed_args(__doc__, argv)
+    args = seed_args(__doc__, argv, extra=_sweep_args)
     params = load_params(args.params)
+    picked = {setting: load_section("opd", args.params).lr for setting in SETTINGS}
+    sweep = {}
+    if args.lrs:
+        if args.sweep_seed in args.seeds:
+            raise SystemExit(f"--sweep-seed {args.sweep_seed} is one of --seeds: pick the lr on a seed that is not "
+                             f"reported")
+        sweep = run_seed(params, args.sweep_seed, args.root, {setting: args.lrs for setting in SETTINGS})
+        picked = {setting: pick_lr(by_lr) for setting, by_lr in sweep.items()}
+        print_sweep(sweep, picked, args.sweep_seed)
     results = {}
     for seed in args.seeds:
-        results[seed] = run_seed(params, seed, args.root)
+        by_lr = run_seed(params, seed, args.root, {setting: [picked[setting]] for setting in SETTINGS})
+        results[seed] = {setting: runs[picked[setting]] for setting, runs in by_lr.items()}
         print(f"seed {seed}: {json.dumps(results[seed])}", flush=True)
-    (args.root / "offline_vs_online.json").write_text(json.dumps(results, indent=2) + "\n")
-    print_tables(results)
+    (args.root / "offline_vs_online.json").write_text(json.dumps(
+        {"lr": picked, "sweep_seed": args.sweep_seed if args.lrs else None,
+         "sweep": {s: {str(lr): r for lr, r in by_lr.items()} for s, by_lr in sweep.items()}, "seeds": results},
+        indent=2) + "\n")
+    print_tables(results, picked)
+
+
+def _sweep_args(parser) -> None:
+    parser.add_argument("--lrs", type=float, nargs="+", default=[],
+                        help="learning rates to sweep per setting (default: none, opd.lr for every setting)")
+    parser.add_argument("--sweep-seed", type=int, default=100, help="the seed the sweep runs on (not one of --seeds)")
 
 
 if __name__ == "__main__":

@@ -156,9 +156,12 @@ def print_table(results: dict[int, dict[str, float]], columns: dict[str, str]) -
     print("| mean +- std | " + " | ".join(f"{mean[key]:.3f} +- {std[key]:.3f}" for key in columns) + " |")
 
 
-def seed_args(doc: str, argv=None) -> argparse.Namespace:
-    """The command line of the bench scripts that run the pipeline per seed (the first line of `doc` is their help)."""
+def seed_args(doc: str, argv=None, extra=None) -> argparse.Namespace:
+    """The command line of the bench scripts that run the pipeline per seed (the first line of `doc` is their help;
+    `extra(parser)` adds a script's own arguments)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "seeds")
