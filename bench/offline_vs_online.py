@@ -1,7 +1,7 @@
 r"""Offline OPD, periodic refresh and standard online OPD on the embedded task: accuracy and wall time.
 
     python bench/offline_vs_online.py --seeds 0 1 2 [--params params.yaml] [--set section.key=value ...] \
-        [--root runs/seeds] [--lrs 0.001 0.003 0.01 --sweep-seed 100]
+        [--root runs/seeds] [--lrs 0.001 0.003 0.01 --sweep-seeds 100 101]
 
 Per seed, the pipeline up to the teacher cache runs once (bench/seeds.py; its runs under the same
 --root are reused). Then the opd stage runs once per setting, all with the same number of student
@@ -13,8 +13,9 @@ round 0, so each pays the offline `rollouts` and `teacher_logprobs` stages once;
 the rollouts and scoring times opd measures inside (models/opd_<setting>/timings.json), and
 training is the rest of the opd stage's wall time (process start and loading included).
 
-With --lrs, each setting first runs once per learning rate on --sweep-seed, a seed apart from --seeds,
-and keeps the lr of the highest sampled accuracy (the paper's avg@k; greedy accuracy breaks ties); the
+With --lrs, each setting first runs once per learning rate on each of --sweep-seeds, seeds apart from
+--seeds, and keeps the lr of the highest mean sampled accuracy over them (the paper's avg@k; greedy
+accuracy breaks ties); the
 seeds then run each setting at its own lr, so no setting is judged at an lr picked for another, and no
 reported seed is one the lr was picked on.
 """
@@ -95,9 +96,15 @@ def pick_lr(by_lr: dict[float, dict[str, float]]) -> float:
     return max(sorted(by_lr), key=lambda lr: (by_lr[lr]["sampled_accuracy"], by_lr[lr]["accuracy"]))
 
 
-def print_sweep(sweep: dict[str, dict[float, dict[str, float]]], picked: dict[str, float], seed: int) -> None:
+def mean_runs(runs: list[dict[str, dict[float, dict[str, float]]]]) -> dict[str, dict[float, dict[str, float]]]:
+    """run_seed's results of several seeds, averaged key by key."""
+    return {setting: {lr: {key: sum(r[setting][lr][key] for r in runs) / len(runs) for key in result}
+                      for lr, result in by_lr.items()} for setting, by_lr in runs[0].items()}
+
+
+def print_sweep(sweep: dict[str, dict[float, dict[str, float]]], picked: dict[str, float], seeds: list[int]) -> None:
     lrs = sorted({lr for by_lr in sweep.values() for lr in by_lr})
-    print(f"\nlr sweep on seed {seed} (accuracy / sampled accuracy):\n")
+    print(f"\nlr sweep, mean of seeds {', '.join(map(str, seeds))} (accuracy / sampled accuracy):\n")
     print("| setting | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | picked lr |")
     print("| --- |" + " --- |" * (len(lrs) + 1))
     for setting, by_lr in sweep.items():
@@ -129,19 +136,21 @@ def main(argv=None) -> None:
     picked = {setting: load_section("opd", args.params).lr for setting in SETTINGS}
     sweep = {}
     if args.lrs:
-        if args.sweep_seed in args.seeds:
-            raise SystemExit(f"--sweep-seed {args.sweep_seed} is one of --seeds: pick the lr on a seed that is not "
-                             f"reported")
-        sweep = run_seed(params, args.sweep_seed, args.root, {setting: args.lrs for setting in SETTINGS})
+        if set(args.sweep_seeds) & set(args.seeds):
+            raise SystemExit(f"--sweep-seeds {sorted(set(args.sweep_seeds) & set(args.seeds))} are among --seeds: "
+                             f"pick the lr on seeds that are not reported")
+        per_seed = {seed: run_seed(params, seed, args.root, {setting: args.lrs for setting in SETTINGS})
+                    for seed in args.sweep_seeds}
+        sweep = mean_runs(list(per_seed.values()))
         picked = {setting: pick_lr(by_lr) for setting, by_lr in sweep.items()}
-        print_sweep(sweep, picked, args.sweep_seed)
+        print_sweep(sweep, picked, args.sweep_seeds)
     results = {}
     for seed in args.seeds:
         by_lr = run_seed(params, seed, args.root, {setting: [picked[setting]] for setting in SETTINGS})
         results[seed] = {setting: runs[picked[setting]] for setting, runs in by_lr.items()}
         print(f"seed {seed}: {json.dumps(results[seed])}", flush=True)
     (args.root / "offline_vs_online.json").write_text(json.dumps(
-        {"lr": picked, "sweep_seed": args.sweep_seed if args.lrs else None,
+        {"lr": picked, "sweep_seeds": args.sweep_seeds if args.lrs else [],
          "sweep": {s: {str(lr): r for lr, r in by_lr.items()} for s, by_lr in sweep.items()}, "seeds": results},
         indent=2) + "\n")
     print_tables(results, picked)
@@ -150,7 +159,8 @@ def main(argv=None) -> None:
 def _sweep_args(parser) -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[],
                         help="learning rates to sweep per setting (default: none, opd.lr for every setting)")
-    parser.add_argument("--sweep-seed", type=int, default=100, help="the seed the sweep runs on (not one of --seeds)")
+    parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[100, 101],
+                        help="the seeds the sweep runs on (none of --seeds)")
 
 
 if __name__ == "__main__":

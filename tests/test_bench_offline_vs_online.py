@@ -54,10 +54,18 @@ def test_the_picked_lr_has_the_best_sampled_accuracy_then_the_best_greedy_then_t
     assert study.pick_lr(runs((0.01, 0.9, 0.7), (0.001, 0.9, 0.7))) == 0.001
 
 
-def test_the_sweep_seed_may_not_be_a_reported_seed(tmp_path):
-    with pytest.raises(SystemExit, match="--sweep-seed 1 is one of --seeds"):
-        study.main(["--seeds", "0", "1", "--lrs", "0.001", "0.003", "--sweep-seed", "1", "--root", str(tmp_path),
+def test_the_sweep_seeds_may_not_be_reported_seeds(tmp_path):
+    with pytest.raises(SystemExit, match=r"--sweep-seeds \[1\] are among --seeds"):
+        study.main(["--seeds", "0", "1", "--lrs", "0.001", "0.003", "--sweep-seeds", "1", "7", "--root", str(tmp_path),
                     "--params", str(TINY_PARAMS)])
+
+
+def test_the_sweep_averages_each_setting_and_lr_over_its_seeds():
+    def run(greedy, sampled):
+        return {"offline": {0.001: {"accuracy": greedy, "sampled_accuracy": sampled}}}
+
+    mean = study.mean_runs([run(1.0, 0.5), run(0.5, 0.25)])
+    assert mean == {"offline": {0.001: {"accuracy": 0.75, "sampled_accuracy": 0.375}}}
 
 
 @pytest.mark.slow  # four stage processes after the shared seed run: about a minute on 2 CPU cores
