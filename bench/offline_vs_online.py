@@ -15,9 +15,8 @@ training is the rest of the opd stage's wall time (process start and loading inc
 
 With --lrs, each setting first runs once per learning rate on each of --sweep-seeds, seeds apart from
 --seeds, and keeps the lr of the highest mean sampled accuracy over them (the paper's avg@k; greedy
-accuracy breaks ties); the
-seeds then run each setting at its own lr, so no setting is judged at an lr picked for another, and no
-reported seed is one the lr was picked on.
+accuracy breaks ties); the seeds then run each setting at its own lr, so no setting is judged at an lr
+picked for another, and no reported seed is one the lr was picked on.
 """
 
 from __future__ import annotations
@@ -31,7 +30,16 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.seeds import load_params, prepare_seed, print_table, run_stages, seed_args, stage_commands, stage_seconds  # noqa: E402
+from bench.seeds import (  # noqa: E402
+    load_params,
+    means,
+    prepare_seed,
+    print_table,
+    run_stages,
+    seed_args,
+    stage_commands,
+    stage_seconds,
+)
 from pipeline.config import load_section  # noqa: E402
 
 SETTINGS = {"offline": lambda steps: 0, "refresh_25": lambda steps: max(1, steps // 4), "online": lambda steps: 1}
@@ -98,8 +106,8 @@ def pick_lr(by_lr: dict[float, dict[str, float]]) -> float:
 
 def mean_runs(runs: list[dict[str, dict[float, dict[str, float]]]]) -> dict[str, dict[float, dict[str, float]]]:
     """run_seed's results of several seeds, averaged key by key."""
-    return {setting: {lr: {key: sum(r[setting][lr][key] for r in runs) / len(runs) for key in result}
-                      for lr, result in by_lr.items()} for setting, by_lr in runs[0].items()}
+    return {setting: {lr: means(dict(enumerate(r[setting][lr] for r in runs)), result) for lr, result in by_lr.items()}
+            for setting, by_lr in runs[0].items()}
 
 
 def print_sweep(sweep: dict[str, dict[float, dict[str, float]]], picked: dict[str, float], seeds: list[int]) -> None:
@@ -121,8 +129,7 @@ def print_tables(results: dict[int, dict[str, dict[str, float]]], lrs: dict[str,
     print("\n| setting | lr | accuracy (mean) | sampled accuracy (mean) | rollouts s | teacher scoring s | "
           "training s | total s | total / offline |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    mean = {s: {key: sum(r[s][key] for r in results.values()) / len(results) for key in results[next(iter(results))][s]}
-            for s in SETTINGS}
+    mean = {s: means({seed: r[s] for seed, r in results.items()}, next(iter(results.values()))[s]) for s in SETTINGS}
     for s in SETTINGS:
         m = mean[s]
         print(f"| {s} | {lrs[s]:g} | {m['accuracy']:.3f} | {m['sampled_accuracy']:.3f} | {m['rollouts_s']:.0f} |"
@@ -139,9 +146,8 @@ def main(argv=None) -> None:
         if set(args.sweep_seeds) & set(args.seeds):
             raise SystemExit(f"--sweep-seeds {sorted(set(args.sweep_seeds) & set(args.seeds))} are among --seeds: "
                              f"pick the lr on seeds that are not reported")
-        per_seed = {seed: run_seed(params, seed, args.root, {setting: args.lrs for setting in SETTINGS})
-                    for seed in args.sweep_seeds}
-        sweep = mean_runs(list(per_seed.values()))
+        sweep = mean_runs([run_seed(params, seed, args.root, {setting: args.lrs for setting in SETTINGS})
+                           for seed in args.sweep_seeds])
         picked = {setting: pick_lr(by_lr) for setting, by_lr in sweep.items()}
         print_sweep(sweep, picked, args.sweep_seeds)
     results = {}
