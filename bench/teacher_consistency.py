@@ -5,7 +5,7 @@ r"""Teacher consistency: OPD scored by the teacher that wrote the SFT data (A) v
 
 The paper's key condition, tested: per seed, the whole pipeline runs with teacher A (bench/seeds.py's
 run, reused when it is already done under the same --root). Teacher B is trained by the `models` stage
-exactly as A (same size, data, seeds and steps) but on the toy task's other valid notation
+as A (same size, data, seeds and steps; its own lr, B_LR) but on the toy task's other valid notation
 (`models.teacher_style`: units_first where A writes carry_first): two equally able teachers that prefer
 different ways of writing a correct answer. B scores A's rollouts (the SFT student's, which are in A's
 style), and OPD starts from the same SFT student on B's cache, which the `opd` stage accepts only
@@ -65,13 +65,18 @@ COLUMNS = {
     "logprob_B": "B's mean log-prob of A-style rollouts",
 }
 OTHER_STYLE = {"carry_first": "units_first", "units_first": "carry_first"}
+B_LR = 0.001
+"""Teacher B's learning rate (`models.teacher_training.lr`; everything else as A's). B's notation writes the units
+digit, a sum mod 10, before the carry: at A's lr 0.003 its loss stalled on a plateau in two seeds of five (seed 3
+near 0.13 from step 600 to the end, accuracy 0.088), at 0.001 it fell below 0.001 by step 700 in both."""
 
 
 def teacher_b_params(params: dict) -> dict:
-    """The seed's params with teacher B's style and the override that lets OPD train on B's cache."""
+    """The seed's params with teacher B's style and lr (B_LR), and the override that lets OPD train on B's cache."""
     params = json.loads(json.dumps(params))
     models = params.setdefault("models", {})
     models["teacher_style"] = OTHER_STYLE[models.get("teacher_style", "carry_first")]
+    models.setdefault("teacher_training", {})["lr"] = B_LR
     params.setdefault("opd", {})["allow_teacher_mismatch"] = True
     return params
 

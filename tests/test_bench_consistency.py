@@ -60,8 +60,9 @@ def test_teacher_b_is_a_in_the_other_notation_and_opd_may_use_it(style, other):
     b = teacher_consistency.teacher_b_params(params)
     assert b["models"]["teacher_style"] == other
     assert b["opd"]["allow_teacher_mismatch"] is True
-    b["models"].pop("teacher_style"), b["opd"].pop("allow_teacher_mismatch")
-    params["models"].pop("teacher_style", None)
+    assert b["models"]["teacher_training"]["lr"] == teacher_consistency.B_LR
+    b["models"].pop("teacher_style"), b["opd"].pop("allow_teacher_mismatch"), b["models"]["teacher_training"].pop("lr")
+    params["models"].pop("teacher_style", None), params["models"]["teacher_training"].pop("lr", None)
     assert b == params  # nothing else differs: same size, data, seeds and steps
 
 
