@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     print_table(results, {kind: kind for kind in KINDS})
     wrong = {seed: sum(r[k] for k in KINDS[2:]) for seed, r in results.items()}
     units = {seed: results[seed]["units"] / wrong[seed] if wrong[seed] else 0.0 for seed in results}
-    print(f"\nunits-digit first errors, of the well-formed wrong rollouts: "
+    print("\nunits-digit first errors, of the well-formed wrong rollouts: "
           + ", ".join(f"{units[seed]:.3f}" for seed in results))
     report = {"seeds": results, "mean": means(results, KINDS), "std": stds(results, KINDS),
               "units_of_wrong": units}
